@@ -1,0 +1,146 @@
+"""Pure-JAX references for gated linear attention (GLA).
+
+Semantics are those of fla's `naive_recurrent_gla`, which DiG's GLA layer uses (see
+`shared/reference/gla_kernels.md` §1): per batch and head, with q_t, k_t in R^K, v_t in R^V and a per-key-channel
+log forget gate g_t <= 0,
+
+    S_0 = h0 (or 0),   S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,   o_t = (scale * q_t) S_t,
+
+so the decay is applied before the new key/value is added and the output is read from the updated state.
+`scale` defaults to K**-0.5. All tensors are `[batch, tokens, heads, dim]`; the state is kept in float32 whatever
+the input dtype, and the output is cast back to `v.dtype`.
+
+Two forms live here:
+- `recurrent_gla`: token by token with `lax.scan`. The oracle; slow (T sequential steps), fine for tests.
+- `chunked_gla`: `lax.scan` over chunks of C tokens. Inside a chunk the cumulative log gate G is chunk-local
+  (so exp(G) <= 1), the inter-chunk terms use exp(G) and exp(G_C - G) (exponents <= 0), and the intra-chunk scores
+  use the exact pairwise decay exp(G_r - G_c) masked to c <= r *before* the exponential, so no exponent is ever
+  positive and nothing overflows for any gate. Any T (padded to a multiple of C with zero q/k/v and a zero log
+  gate, which leaves real outputs and the final state untouched), any chunk size, differentiable with `jax.grad`.
+  It is the portable fallback used on every backend and the reference every kernel is tested against.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _check_shapes(q: Array, k: Array, v: Array, log_gate: Array, initial_state: Array | None) -> None:
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or log_gate.ndim != 4:
+    raise ValueError(
+        "gla expects [batch, tokens, heads, dim] tensors; got q%s k%s v%s log_gate%s"
+        % (q.shape, k.shape, v.shape, log_gate.shape))
+  if q.shape != k.shape or q.shape != log_gate.shape:
+    raise ValueError(f"q, k and log_gate must have one shape; got {q.shape}, {k.shape}, {log_gate.shape}")
+  if v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"v must match q in batch, tokens and heads; got v{v.shape} vs q{q.shape}")
+  if initial_state is not None:
+    b, _, h, dk = q.shape
+    expected = (b, h, dk, v.shape[-1])
+    if initial_state.shape != expected:
+      raise ValueError(f"initial_state must be [batch, heads, K, V] = {expected}; got {initial_state.shape}")
+
+
+def _zero_state(q: Array, v: Array) -> Array:
+  b, _, h, dk = q.shape
+  return jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
+
+
+def recurrent_gla(
+    q: Array,
+    k: Array,
+    v: Array,
+    log_gate: Array,
+    *,
+    scale: float | None = None,
+    initial_state: Array | None = None,
+    return_final_state: bool = False,
+    precision: jax.lax.Precision | str | None = jax.lax.Precision.HIGHEST,
+) -> Array | tuple[Array, Array]:
+  """Token-by-token GLA (the oracle). Shapes: q, k, log_gate [B,T,H,K]; v [B,T,H,V]; state [B,H,K,V]."""
+  _check_shapes(q, k, v, log_gate, initial_state)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  state0 = _zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
+  # Time-major, float32.
+  xs = tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in (q, k, v, log_gate))
+
+  def step(state, x):
+    q_t, k_t, v_t, g_t = x  # [B,H,K], [B,H,K], [B,H,V], [B,H,K]
+    state = state * jnp.exp(g_t)[..., None] + k_t[..., :, None] * v_t[..., None, :]
+    o_t = jnp.einsum("bhk,bhkv->bhv", q_t * scale, state, precision=precision)
+    return state, o_t
+
+  final_state, o = jax.lax.scan(step, state0, xs)
+  o = jnp.moveaxis(o, 0, 1).astype(v.dtype)
+  return (o, final_state) if return_final_state else o
+
+
+def pad_to_chunks(x: Array, chunk_size: int) -> Array:
+  """Zero-pads the token axis (axis 1) up to a multiple of `chunk_size`."""
+  pad = (-x.shape[1]) % chunk_size
+  if pad == 0:
+    return x
+  return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+
+
+def chunk_local_cumsum(log_gate: Array, chunk_size: int) -> Array:
+  """Inclusive cumulative sum of the log gate inside each chunk, in float32. T must be a multiple of C."""
+  b, t, h, d = log_gate.shape
+  g = log_gate.astype(jnp.float32).reshape(b, t // chunk_size, chunk_size, h, d)
+  return jnp.cumsum(g, axis=2).reshape(b, t, h, d)
+
+
+def chunked_gla(
+    q: Array,
+    k: Array,
+    v: Array,
+    log_gate: Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    scale: float | None = None,
+    initial_state: Array | None = None,
+    return_final_state: bool = False,
+    precision: jax.lax.Precision | str | None = None,
+) -> Array | tuple[Array, Array]:
+  """Chunkwise-parallel GLA in pure JAX (see the module docstring). Same contract as `recurrent_gla`."""
+  _check_shapes(q, k, v, log_gate, initial_state)
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  scale = dk ** -0.5 if scale is None else scale
+  c = chunk_size
+  qf, kf, vf, gf = (pad_to_chunks(x.astype(jnp.float32), c) for x in (q, k, v, log_gate))
+  n = qf.shape[1] // c
+  cum = chunk_local_cumsum(gf, c)
+
+  def to_chunks(x):  # [B, N*C, H, D] -> [N, B, H, C, D]
+    return x.reshape(b, n, c, h, x.shape[-1]).transpose(1, 0, 3, 2, 4)
+
+  causal = jnp.tril(jnp.ones((c, c), dtype=bool))
+
+  def step(state, x):
+    q_n, k_n, v_n, g_n = x  # [B,H,C,K] x3 (v: V), g_n is the chunk-local cumsum
+    g_last = g_n[:, :, -1:, :]  # [B,H,1,K]
+    # Inter-chunk: contribution of the state entering this chunk.
+    o_inter = jnp.einsum("bhck,bhkv->bhcv", q_n * jnp.exp(g_n), state, precision=precision)
+    # Intra-chunk: exact pairwise decay, masked before the exponential (exponents <= 0 everywhere).
+    diff = g_n[:, :, :, None, :] - g_n[:, :, None, :, :]  # [B,H,C(query),C(key),K]
+    decay = jnp.exp(jnp.where(causal[:, :, None], diff, -jnp.inf))
+    scores = jnp.einsum("bhrk,bhck,bhrck->bhrc", q_n, k_n, decay, precision=precision)
+    o_intra = jnp.einsum("bhrc,bhcv->bhrv", scores, v_n, precision=precision)
+    o_n = (o_inter + o_intra) * scale
+    # State update: S <- diag(exp(G_C)) S + (k * exp(G_C - G))^T v.
+    k_decayed = k_n * jnp.exp(g_last - g_n)
+    state = state * jnp.exp(g_last)[:, :, 0, :, None] + jnp.einsum(
+        "bhck,bhcv->bhkv", k_decayed, v_n, precision=precision)
+    return state, o_n
+
+  state0 = _zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
+  final_state, o = jax.lax.scan(step, state0, tuple(to_chunks(x) for x in (qf, kf, vf, cum)))
+  o = o.transpose(1, 0, 3, 2, 4).reshape(b, n * c, h, dv)[:, :t].astype(v.dtype)
+  return (o, final_state) if return_final_state else o
