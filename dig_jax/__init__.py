@@ -1,0 +1,1 @@
+"""dig-jax: DiG in JAX/Flax."""
