@@ -1,0 +1,100 @@
+"""DiG's gated linear attention layer (fla `GatedLinearAttention` as DiG configures it, dig_spec.md §2.3).
+
+For hidden size D and H heads: q = x Wq, k = x Wk (D -> D/2, head dim 32), v = x Wv (D -> D, head dim 64), no
+biases, no feature map, no q/k norm, no short conv; per-head, per-key-channel log forget gate
+gk = logsigmoid(Wup(Wdown x) + b_up) / 16 with a rank-16 bottleneck (Wdown D->16 no bias, Wup 16->D/2 with
+bias); o = GLA(q, k, v, gk) (causal, scale 32^-0.5 inside the op, float32 state; `pallas_kernels.gla.gla`);
+then per head o <- RMSNorm_64(o) * weight * swish(g) with g = x Wg (D -> D, no bias) and one weight of shape
+(64,) shared by the heads (eps 1e-6); out = o Wo (D -> D, no bias). Heads are the leading factor of every
+projection's output features ((h d) layout, as fla's rearrange). Every linear here is xavier_uniform with gain
+2^-2.5 and the gate bias is zero (fla's own init, which DiG's global init skips).
+
+Parameter paths / layouts (kernels [in, out] = torch weight transposed): q_proj, k_proj [D, D/2]; v_proj,
+g_proj, o_proj [D, D]; gk_proj_down [D, 16] (torch gk_proj.0); gk_proj_up [16, D/2] + bias [D/2] (torch
+gk_proj.1); g_norm_swish_gate/weight [64].
+
+Deviations: in bfloat16 compute mode the forget-gate path (two small projections + logsigmoid) and the output
+RMSNorm run in float32 (fla's kernels also normalise in float32); q/k/v go to the GLA op in the compute dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.gla import gla
+
+from dig_jax.models import partitioning as pt
+from dig_jax.models.layers import Dense, rms_normalize
+
+GLA_INIT_GAIN = 2 ** -2.5
+GATE_LOW_RANK_DIM = 16
+GATE_LOGIT_NORMALIZER = 16
+
+
+class RMSNormSwishGate(nnx.Module):
+  """fla's FusedRMSNormSwishGate: RMSNorm over the last (head) dim with a shared weight, times swish(g)."""
+
+  def __init__(self, head_dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6):
+    self.eps = eps
+    self.weight = pt.make_param(rngs, pt.ones, (head_dim,), (None,))
+
+  def __call__(self, o: jax.Array, g: jax.Array) -> jax.Array:
+    gf = g.astype(jnp.float32)
+    out = rms_normalize(o, self.eps) * self.weight.get_value() * (gf * jax.nn.sigmoid(gf))
+    return out.astype(o.dtype)
+
+
+class GatedLinearAttention(nnx.Module):
+  """The GLA token mixer of a DiG block. Input and output [N, T, D], tokens in the block's scan order."""
+
+  def __init__(self, hidden_size: int, num_heads: int, *, rngs: nnx.Rngs, dtype, impl: str = "auto",
+               chunk_size: int | None = 64, expand_k: float = 0.5, expand_v: float = 1.0,
+               norm_eps: float = 1e-6):
+    key_dim = int(hidden_size * expand_k)
+    value_dim = int(hidden_size * expand_v)
+    if key_dim % num_heads or value_dim % num_heads:
+      raise ValueError(f"GLA key dim {key_dim} and value dim {value_dim} must be divisible by "
+                       f"{num_heads} heads")
+    self.num_heads = num_heads
+    self.head_k_dim = key_dim // num_heads
+    self.head_v_dim = value_dim // num_heads
+    self.impl = impl
+    self.chunk_size = chunk_size
+    self.dtype = dtype
+
+    def linear(fan_in, fan_out, axes, use_bias=False, compute_dtype=dtype):
+      return Dense(fan_in, fan_out, axes=axes, rngs=rngs, use_bias=use_bias, dtype=compute_dtype,
+                   kernel_init=pt.xavier_uniform(fan_in, fan_out, gain=GLA_INIT_GAIN))
+
+    self.q_proj = linear(hidden_size, key_dim, (pt.EMBED, pt.HEADS))
+    self.k_proj = linear(hidden_size, key_dim, (pt.EMBED, pt.HEADS))
+    self.v_proj = linear(hidden_size, value_dim, (pt.EMBED, pt.HEADS))
+    self.g_proj = linear(hidden_size, value_dim, (pt.EMBED, pt.HEADS))
+    self.gk_proj_down = linear(hidden_size, GATE_LOW_RANK_DIM, (pt.EMBED, pt.GATE_RANK),
+                               compute_dtype=jnp.float32)
+    self.gk_proj_up = linear(GATE_LOW_RANK_DIM, key_dim, (pt.GATE_RANK, pt.HEADS), use_bias=True,
+                             compute_dtype=jnp.float32)
+    self.g_norm_swish_gate = RMSNormSwishGate(self.head_v_dim, rngs=rngs, eps=norm_eps)
+    self.o_proj = linear(value_dim, hidden_size, (pt.HEADS, pt.EMBED))
+
+  def log_forget_gate(self, x: jax.Array) -> jax.Array:
+    """gk = logsigmoid(low-rank projection) / 16, float32, [N, T, D/2] (<= 0)."""
+    logits = self.gk_proj_up(self.gk_proj_down(x.astype(jnp.float32)))
+    return jax.nn.log_sigmoid(logits) / GATE_LOGIT_NORMALIZER
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, t, _ = x.shape
+    h = self.num_heads
+
+    def split_heads(y, head_dim):
+      return y.reshape(n, t, h, head_dim)
+
+    q = split_heads(self.q_proj(x), self.head_k_dim)
+    k = split_heads(self.k_proj(x), self.head_k_dim)
+    v = split_heads(self.v_proj(x), self.head_v_dim)
+    log_gate = split_heads(self.log_forget_gate(x), self.head_k_dim)
+    o = gla(q, k, v, log_gate, impl=self.impl, chunk_size=self.chunk_size)
+    g = split_heads(self.g_proj(x), self.head_v_dim)
+    o = self.g_norm_swish_gate(o, g).astype(self.dtype)
+    return self.o_proj(o.reshape(n, t, h * self.head_v_dim))

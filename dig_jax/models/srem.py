@@ -1,0 +1,125 @@
+"""SREM, DiG's spatial reorientation and enhancement module: scan-order schedule and the 3x3 depthwise conv.
+
+Scan order (official `bid_mode='layer'`, `if_quad_dir=True`, i.e. `scan_schedule="crisscross"`): after
+block i the token sequence is reversed (flip along T) and, if i is odd, viewed as its current (rows, cols)
+grid, transposed and flattened again; on a non-square grid the transpose swaps rows and cols, so the current
+grid shape is tracked. Block i therefore sees raster / reversed raster / column-major / reversed column-major
+order for i mod 4 = 0 / 1 / 2 / 3. "flip" reverses only (no transpose); "causal" never reorients (the ablation
+rows of dig_spec.md §5.3). The tokens are physically permuted, as in the official code, so the depthwise conv
+of block i acts on the grid in that block's orientation and official conv kernels load unchanged.
+
+The final layer must see raster order whatever the depth: the composed permutation is tracked statically and
+undone with one gather when it is not the identity (for depth % 4 == 0 it is, as in the official models, and
+nothing is done). Deviation: the official code assumes depth % 4 == 0 and never restores the order.
+
+Depthwise conv: Conv2d(D, D, 3, stride 1, padding 1, groups=D, bias) on the token grid; its output replaces
+the tokens (no residual). Kernel stored HWIO [3, 3, 1, D] (torch weight [D, 1, 3, 3] -> permute(2, 3, 1, 0)),
+bias [D]. Init "identity" (centre tap 1, others 0, bias 0; the released config) or "random" (PyTorch's
+default Conv2d init, U(-1/3, 1/3) for kernel and bias with fan_in 9: our reading of the paper's "random init"
+ablation row, whose code is not released).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dig_jax.models import partitioning as pt
+
+SCAN_SCHEDULES = ("crisscross", "flip", "causal")
+DWCONV_MODES = ("identity", "random", "off")
+Grid = tuple[int, int]
+
+
+def reorient_after_block(x, grid: Grid, block_index: int, schedule: str):
+  """Applies the scan-order change after block `block_index` to tokens x [N, T, ...] on a (rows, cols) grid.
+
+  Works on jax and numpy arrays. Returns (x, new_grid).
+  """
+  if schedule not in SCAN_SCHEDULES:
+    raise ValueError(f"unknown scan_schedule {schedule!r}; choose one of {SCAN_SCHEDULES}")
+  if schedule == "causal":
+    return x, grid
+  x = x[:, ::-1]
+  rows, cols = grid
+  if schedule == "crisscross" and block_index % 2 == 1:
+    n, rest = x.shape[0], x.shape[2:]
+    x = x.reshape(n, rows, cols, *rest).swapaxes(1, 2).reshape(n, rows * cols, *rest)
+    grid = (cols, rows)
+  return x, grid
+
+
+def block_scan_orders(depth: int, grid: Grid, schedule: str
+                      ) -> tuple[list[np.ndarray], np.ndarray, list[Grid]]:
+  """Static bookkeeping of the schedule.
+
+  Returns (orders, final_order, grids): orders[i][j] is the raster index of the token at sequence position j
+  as block i sees it, grids[i] the (rows, cols) grid block i sees, final_order the order after the last block
+  (before the restore).
+  """
+  order = np.arange(grid[0] * grid[1])[None]
+  orders, grids = [], []
+  for i in range(depth):
+    orders.append(order[0].copy())
+    grids.append(grid)
+    order, grid = reorient_after_block(order, grid, i, schedule)
+  return orders, np.asarray(order[0]), grids
+
+
+def restore_raster(x: jax.Array, final_order: np.ndarray) -> jax.Array:
+  """Undoes the composed permutation (x[:, j] holds raster token final_order[j]); no-op for the identity."""
+  if np.array_equal(final_order, np.arange(final_order.size)):
+    return x
+  return jnp.take(x, jnp.asarray(np.argsort(final_order)), axis=1)
+
+
+def expected_cycle_order(block_index: int, rows: int, cols: int) -> np.ndarray:
+  """The documented 4-cycle (independent of the implementation above; used by tests and docs)."""
+  grid = np.arange(rows * cols).reshape(rows, cols)
+  phase = block_index % 4
+  if phase == 0:
+    return grid.reshape(-1)              # raster
+  if phase == 1:
+    return grid.reshape(-1)[::-1]        # reversed raster
+  if phase == 2:
+    return grid.T.reshape(-1)            # column-major
+  return grid.T.reshape(-1)[::-1]        # reversed column-major
+
+
+class DepthwiseConv(nnx.Module):
+  """3x3 depthwise conv with bias on tokens [N, T, D] viewed as the current (rows, cols) grid; no residual."""
+
+  def __init__(self, features: int, *, init: str, rngs: nnx.Rngs, dtype, kernel_size: int = 3):
+    if init not in ("identity", "random"):
+      raise ValueError(f"unknown dwconv init {init!r}; use 'identity' or 'random'")
+    if kernel_size % 2 != 1:
+      raise ValueError(f"dwconv kernel_size must be odd; got {kernel_size}")
+    self.kernel_size = kernel_size
+    self.dtype = dtype
+    shape = (kernel_size, kernel_size, 1, features)
+    if init == "identity":
+      centre = kernel_size // 2
+      kernel_init = lambda key, s, d: jnp.zeros(s, d).at[centre, centre].set(1.0)  # noqa: E731
+      bias_init = pt.zeros
+    else:
+      bound = 1.0 / np.sqrt(kernel_size * kernel_size)
+      kernel_init = bias_init = pt.uniform(bound)
+    # "conv" appears on both tap axes: the sharding rules must map it to None (taps are never sharded).
+    self.kernel = pt.make_param(rngs, kernel_init, shape, (pt.CONV, pt.CONV, None, pt.EMBED))
+    self.bias = pt.make_param(rngs, bias_init, (features,), (pt.EMBED,))
+
+  def __call__(self, x: jax.Array, grid: Sequence[int]) -> jax.Array:
+    n, t, d = x.shape
+    rows, cols = grid
+    if rows * cols != t:
+      raise ValueError(f"grid {tuple(grid)} does not hold {t} tokens")
+    pad = self.kernel_size // 2
+    y = jax.lax.conv_general_dilated(
+        x.reshape(n, rows, cols, d).astype(self.dtype), self.kernel.get_value().astype(self.dtype),
+        window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=d)
+    y = y + self.bias.get_value().astype(self.dtype)
+    return y.reshape(n, t, d)
