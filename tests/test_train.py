@@ -1,0 +1,200 @@
+"""End-to-end training on 8 fake CPU devices: checkpoints, exact resume, EMA, and clear errors for bad input.
+
+Two short runs of a tiny DiG share one module fixture: run A trains 3 steps straight (checkpoints 1, 2, 3);
+workdir B is A's workdir as it was after step 2 (step 3 removed), and a second call resumes B to step 3. B's
+step-3 checkpoint must equal A's bit for bit (model, optimizer, EMA, step), which only holds if params,
+optimizer state, RNG and the data iterator all resume exactly.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import common
+from dig_jax import checkpointing, input_pipeline, metric_writers, train
+
+MESH = (("data", -1), ("fsdp", 2), ("tensor", 1), ("context", 1))
+
+
+def tiny_config(num_train_steps: int, num_images: int = 0) -> ml_collections.ConfigDict:
+  config = common.get_base_config()
+  config.model_name = "tiny-DiG"
+  config.model = common.model_config("DiG-S/2", input_size=8, in_channels=1, num_classes=10, depth=1,
+                                     hidden_size=32, num_heads=2, cfg_channels=1, gla_chunk_size=8)
+  config.input.update(dict(dataset="sklearn_digits", image_size=8, channels=1, batch_size=8, num_classes=10,
+                           random_flip=True))
+  config.optim.learning_rate = 1e-3
+  config.ema_decay = 0.9
+  config.num_train_steps = num_train_steps
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 1
+  config.sample_every_steps = 0
+  config.sample.update(dict(sampler="ddim", num_steps=2, num_images=num_images, cfg_scale=1.5))
+  config.mesh = MESH
+  config.lock()
+  return config
+
+
+def read_state(workdir, step):
+  """A checkpoint's train state, read by a plain orbax checkpointer (independent of dig_jax.checkpointing)."""
+  path = os.path.join(checkpointing.checkpoint_dir(workdir), str(step), checkpointing.STATE)
+  return jax.device_get(ocp.PyTreeCheckpointer().restore(path))
+
+
+def flat(tree):
+  """{"params/blocks/0/...": leaf}: compares trees whose dict keys may come back as str instead of int."""
+  def name(entry):
+    return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
+  return {"/".join(name(e) for e in path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def assert_trees_equal(a, b):
+  a, b = flat(a), flat(b)
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("train")
+  straight, resumed = str(root / "straight"), str(root / "resumed")
+  first = train.train_and_evaluate(tiny_config(3), straight)
+  # Workdir B = A after step 2: drop checkpoint 3 and the metrics of step 3.
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(resumed), "3"))
+  records = [r for r in metric_writers.read_jsonl_metrics(resumed) if r["step"] <= 2]
+  with open(os.path.join(resumed, metric_writers.METRICS_FILE), "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  captured = {}
+  original = checkpointing.restore_latest
+
+  def capture(manager, abstract_state, data_iterator):
+    state, step = original(manager, abstract_state, data_iterator)
+    captured.update(state=jax.device_get(state), step=step, data=data_iterator.get_state())
+    return state, step
+
+  checkpointing.restore_latest = capture
+  try:
+    second = train.train_and_evaluate(tiny_config(3, num_images=4), resumed)
+  finally:
+    checkpointing.restore_latest = original
+  return dict(straight=straight, resumed=resumed, first=first, second=second, captured=captured)
+
+
+def test_runs_write_checkpoints_config_and_metrics(runs):
+  workdir = runs["resumed"]
+  assert runs["first"]["step"] == 3 and np.isfinite(runs["first"]["loss"])
+  assert sorted(int(s) for s in os.listdir(checkpointing.checkpoint_dir(workdir)) if s.isdigit()) == [1, 2, 3]
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  assert saved["model"]["depth"] == 1 and saved["input"]["dataset"] == "sklearn_digits"
+  steps = [r["step"] for r in metric_writers.read_jsonl_metrics(workdir) if "train/loss" in r]
+  assert steps == [1, 2, 3]  # The resumed run continued at 3; nothing was redone.
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+
+
+def test_resume_restores_the_saved_state_and_data_position(runs):
+  captured, workdir = runs["captured"], runs["resumed"]
+  assert captured["step"] == 2
+  saved = read_state(workdir, 2)
+  assert int(captured["state"]["step"]) == 2
+  assert_trees_equal(captured["state"]["params"], saved["params"])
+  assert_trees_equal(captured["state"]["ema_params"], saved["ema_params"])
+  with open(os.path.join(checkpointing.checkpoint_dir(workdir), "2", checkpointing.DATA,
+                         "process_0-of-1.json"), encoding="utf-8") as f:
+    assert captured["data"] == json.load(f)
+  assert runs["second"]["step"] == 3
+
+
+def test_resumed_run_equals_uninterrupted_run(runs):
+  straight, resumed = read_state(runs["straight"], 3), read_state(runs["resumed"], 3)
+  assert int(straight["step"]) == int(resumed["step"]) == 3
+  assert_trees_equal(straight, resumed)
+  # ...and the step did train: step 3 differs from step 2.
+  before, after = flat(read_state(runs["resumed"], 2)["params"]), flat(resumed["params"])
+  assert any(not np.array_equal(before[k], after[k]) for k in after)
+
+
+def test_ema_follows_the_decay_rule(runs):
+  before, after = read_state(runs["resumed"], 2), read_state(runs["resumed"], 3)
+  ema_before, params_after = flat(before["ema_params"]), flat(after["params"])
+  ema_after = flat(after["ema_params"])
+  for key, value in ema_after.items():
+    np.testing.assert_allclose(value, 0.9 * ema_before[key] + 0.1 * params_after[key], rtol=1e-6, atol=1e-7,
+                               err_msg=key)
+  assert any(not np.allclose(ema_after[k], params_after[k]) for k in ema_after)
+
+
+def test_final_sample_grid_is_written(runs):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  path = os.path.join(runs["resumed"], "samples", "step_0000003.png")
+  image = np.asarray(Image.open(path))
+  # 4 images of 8x8 in a 4-column grid (one column per class up to num_images) with 2-pixel padding.
+  assert image.shape == (2 + 10, 2 + 4 * 10)
+
+
+def test_batch_not_divisible_by_devices_is_one_clear_error(tmp_path):
+  config = tiny_config(1)
+  config.input.batch_size = 12
+  with pytest.raises(ValueError, match="not divisible by the 8 data-parallel devices"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_missing_data_directory_is_one_clear_error(tmp_path):
+  config = tiny_config(1)
+  missing = str(tmp_path / "no_such_tfds_dir")
+  config.input.update(dict(dataset="tfds", tfds_name="mnist", data_dir=missing))
+  with pytest.raises(FileNotFoundError, match="does not exist") as info:
+    train.train_and_evaluate(config, str(tmp_path / "workdir"))
+  assert missing in str(info.value)
+
+
+def test_latent_config_stops_at_the_vae_seam(tmp_path):
+  from configs import s2  # pylint: disable=g-import-not-at-top
+  with pytest.raises(NotImplementedError, match="latent.vae"):
+    train.train_and_evaluate(s2.get_config("runlocal"), str(tmp_path))
+
+
+def test_non_finite_metrics_raise():
+  with pytest.raises(FloatingPointError, match="step 7"):
+    metrics = {"loss": jax.numpy.float32(np.nan), "grad_norm": jax.numpy.float32(1.0)}
+    train._host_metrics(metrics, 7)  # pylint: disable=protected-access
+
+
+def test_restore_skips_and_removes_a_corrupt_newest_step(tmp_path):
+  config = tiny_config(1)
+  iterator = input_pipeline.create_train_iterator(config.input, seed=0)
+  manager = checkpointing.create_manager(str(tmp_path), every_steps=1, asynchronous=False)
+  for step in (1, 2):
+    next(iterator)
+    state = {"step": jax.numpy.int32(step), "w": jax.numpy.full((4,), float(step))}
+    assert checkpointing.save(manager, step, state, iterator)
+  manager.wait_until_finished()
+  step_dir = os.path.join(checkpointing.checkpoint_dir(str(tmp_path)), "2", checkpointing.STATE)
+  for name in os.listdir(step_dir):  # Corrupt step 2: drop its array data, keep its metadata.
+    if name not in ("_METADATA", "_CHECKPOINT_METADATA"):
+      path = os.path.join(step_dir, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  fresh = input_pipeline.create_train_iterator(config.input, seed=0)
+  abstract = {"step": jax.ShapeDtypeStruct((), np.int32), "w": jax.ShapeDtypeStruct((4,), np.float32)}
+  restored, step = checkpointing.restore_latest(manager, abstract, fresh)
+  assert step == 1 and int(restored["step"]) == 1
+  np.testing.assert_array_equal(restored["w"], np.ones(4))
+  assert fresh.get_state() == _state_after_batches(config, 1)
+  assert manager.all_steps() == [1]
+  checkpointing.wait_and_close(manager)
+
+
+def _state_after_batches(config, count):
+  iterator = input_pipeline.create_train_iterator(config.input, seed=0)
+  for _ in range(count):
+    next(iterator)
+  return iterator.get_state()
