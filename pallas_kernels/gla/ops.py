@@ -1,27 +1,44 @@
 """The one public GLA entry point: `gla(q, k, v, log_gate, *, impl="auto", chunk_size=None, scale=None)`.
 
 Every implementation (token recurrent, chunked XLA, Pallas GPU, Pallas TPU) sits behind this function and is
-tested against `reference.chunked_gla`. `impl="auto"` picks the fastest implementation that supports the
-platform and shape, and falls back to the chunked reference otherwise, so models never need to know which
-kernels exist. Tensors are `[batch, tokens, heads, dim]`, `log_gate <= 0` per key channel, scale K**-0.5 applied
-inside, float32 state.
+tested against `reference.chunked_gla`. Tensors are `[batch, tokens, heads, dim]`, `log_gate <= 0` per key
+channel, scale K**-0.5 applied inside, float32 state.
 
-Kernel modules plug in through `_KERNELS`: each names a module exposing
-`gla(q, k, v, log_gate, *, chunk_size, scale) -> o` (differentiable, i.e. a `jax.custom_vjp`) and
-`is_supported(q_shape, v_shape, dtype) -> bool`. A kernel module that fails to import (e.g. a backend missing from
-this jaxlib) is treated as unavailable by `auto` and reported with its import error when asked for by name.
+`impl="auto"` picks, for the default backend and the shape:
+- a Pallas kernel module registered in `_KERNELS` for this platform whose `is_supported(q_shape, v_shape,
+  dtype)` holds and where the kernel was measured to beat the XLA reference (`_worthwhile`; see
+  `pallas_kernels/gla/NOTES.md` for the numbers);
+- otherwise `reference.chunked_gla`, which runs everywhere and is differentiated by XLA.
+
+A kernel module that fails to import (e.g. a backend missing from this jaxlib) is skipped by `auto` and
+reported with its import error when asked for by name.
+
+Sharding: a Pallas kernel is one opaque custom call, so XLA's partitioner would all-gather its inputs. When a
+mesh is active (`jax.set_mesh`) and the batch and/or head axes can be split over mesh axes, the kernel call is
+wrapped in `jax.shard_map` so every device runs the kernel on its own batch/head shard (GLA is independent
+across batch and heads; the token axis must stay whole). Which mesh axes: for Explicit-typed axes the inputs'
+own sharding; for Auto axes the conventional names in `BATCH_MESH_AXES` / `HEAD_MESH_AXES` (dig_jax.sharding
+uses "data"/"fsdp" for the batch and "tensor" for heads), keeping only axes whose sizes divide the dimension.
+Axes that are already manual (a call inside the user's own shard_map) are left alone; such a shard_map needs
+`check_vma=False`, because Pallas outputs carry no varying-axes type.
 """
 from __future__ import annotations
 
 import enum
 import importlib
+import inspect
+import math
 from types import ModuleType
 
 import jax
+from jax.sharding import AxisType, PartitionSpec as P
 
 from pallas_kernels.gla import reference
 
 Array = jax.Array
+
+BATCH_MESH_AXES = ("data", "fsdp", "batch", "replica", "dp")
+HEAD_MESH_AXES = ("tensor", "model", "heads", "tp", "mp")
 
 
 class GlaImpl(str, enum.Enum):
@@ -38,6 +55,9 @@ _KERNELS: dict[GlaImpl, tuple[str, str]] = {
     GlaImpl.PALLAS_TPU: ("pallas_kernels.gla.tpu", "tpu"),
 }
 
+# Shortest sequence for which `auto` takes a Pallas kernel over the XLA reference (measured; see NOTES.md).
+_MIN_TOKENS: dict[GlaImpl, int] = {GlaImpl.PALLAS_GPU: 1, GlaImpl.PALLAS_TPU: 1}
+
 
 def _load_kernel(impl: GlaImpl) -> tuple[ModuleType | None, Exception | None]:
   try:
@@ -46,13 +66,21 @@ def _load_kernel(impl: GlaImpl) -> tuple[ModuleType | None, Exception | None]:
     return None, e
 
 
+def _parse_impl(impl: str | GlaImpl) -> GlaImpl:
+  try:
+    return GlaImpl(impl)
+  except ValueError:
+    raise ValueError(f"unknown GLA impl {impl!r}; choose one of {[i.value for i in GlaImpl]}") from None
+
+
+def _worthwhile(impl: GlaImpl, q_shape: tuple[int, ...]) -> bool:
+  return q_shape[1] >= _MIN_TOKENS.get(impl, 1)
+
+
 def resolve_impl(impl: str | GlaImpl, q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype,
                  platform: str | None = None) -> GlaImpl:
   """Maps `impl` (possibly "auto") to a concrete implementation for this platform and shape."""
-  try:
-    impl = GlaImpl(impl)
-  except ValueError:
-    raise ValueError(f"unknown GLA impl {impl!r}; choose one of {[i.value for i in GlaImpl]}") from None
+  impl = _parse_impl(impl)
   if impl != GlaImpl.AUTO:
     return impl
   platform = platform or jax.default_backend()
@@ -60,14 +88,75 @@ def resolve_impl(impl: str | GlaImpl, q_shape: tuple[int, ...], v_shape: tuple[i
     if kernel_platform != platform:
       continue
     module, _ = _load_kernel(kernel_impl)
-    if module is not None and module.is_supported(q_shape, v_shape, dtype):
+    if module is None or not module.is_supported(q_shape, v_shape, dtype):
+      continue
+    if _worthwhile(kernel_impl, q_shape):
       return kernel_impl
   return GlaImpl.CHUNKED
 
 
+def _axes_dividing(mesh, names, dim: int) -> tuple[str, ...]:
+  """Mesh axes (in mesh order) among `names` with size > 1 whose running product divides `dim`."""
+  chosen, product = [], 1
+  for name in mesh.axis_names:
+    size = mesh.shape[name]
+    if name in names and size > 1 and dim % (product * size) == 0:
+      chosen.append(name)
+      product *= size
+  return tuple(chosen)
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def kernel_partition(q: Array) -> tuple[object, P] | None:
+  """(mesh, PartitionSpec over [batch, tokens, heads, dim]) for a shard_map around a kernel, or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or math.prod(mesh.axis_sizes) == 1:
+    return None
+  batch, _, heads, _ = q.shape
+  explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
+  # Axes already manual (we are inside someone's shard_map) are not ours to split again.
+  free = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual}
+  batch_axes = _axes_dividing(mesh, tuple(a for a in BATCH_MESH_AXES if a in free), batch)
+  head_axes = _axes_dividing(mesh, tuple(a for a in HEAD_MESH_AXES if a in free), heads)
+  if explicit:  # Explicit axes: follow the input's own sharding on the batch and head dims.
+    spec = tuple(jax.typeof(q).sharding.spec) + (None,) * 4
+    batch_axes = tuple(a for a in batch_axes if a not in explicit) + tuple(
+        a for a in _spec_axes(spec[0]) if a in explicit)
+    head_axes = tuple(a for a in head_axes if a not in explicit) + tuple(
+        a for a in _spec_axes(spec[2]) if a in explicit)
+  if not batch_axes and not head_axes:
+    return None
+  return mesh, P(batch_axes or None, None, head_axes or None, None)
+
+
+def _call_kernel(module: ModuleType, q, k, v, log_gate, *, chunk_size, scale, interpret):
+  kwargs = dict(chunk_size=chunk_size, scale=scale)
+  if interpret is not None and "interpret" in inspect.signature(module.gla).parameters:
+    kwargs["interpret"] = interpret
+  kernel = lambda q, k, v, g: module.gla(q, k, v, g, **kwargs)
+  partition = kernel_partition(q)
+  if partition is None:
+    return kernel(q, k, v, log_gate)
+  mesh, spec = partition
+  # Inside a partly manual mesh only our axes become manual; otherwise all of them (the others unmentioned).
+  manual = any(t == AxisType.Manual for t in mesh.axis_types)
+  axis_names = frozenset(_spec_axes(spec[0]) + _spec_axes(spec[2])) if manual else frozenset()
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, axis_names=axis_names,
+                       check_vma=False)(q, k, v, log_gate)
+
+
 def gla(q: Array, k: Array, v: Array, log_gate: Array, *, impl: str | GlaImpl = GlaImpl.AUTO,
-        chunk_size: int | None = None, scale: float | None = None) -> Array:
-  """Gated linear attention, causal over the token axis. Returns o with v's shape and dtype."""
+        chunk_size: int | None = None, scale: float | None = None, interpret: bool | None = None) -> Array:
+  """Gated linear attention, causal over the token axis. Returns o with v's shape and dtype.
+
+  `interpret=True` runs a Pallas kernel's bodies through the Pallas interpreter (CPU tests of
+  `impl="pallas_gpu"` or `"pallas_tpu"`); None leaves each kernel module's default.
+  """
   concrete = resolve_impl(impl, q.shape, v.shape, q.dtype)
   if concrete == GlaImpl.RECURRENT:
     return reference.recurrent_gla(q, k, v, log_gate, scale=scale)
@@ -80,4 +169,4 @@ def gla(q: Array, k: Array, v: Array, log_gate: Array, *, impl: str | GlaImpl = 
   if not module.is_supported(q.shape, v.shape, q.dtype):
     raise ValueError(f"GLA impl {concrete.value!r} does not support q{q.shape} v{v.shape} {q.dtype}; "
                      "use impl='auto' or 'chunked'")
-  return module.gla(q, k, v, log_gate, chunk_size=chunk_size, scale=scale)
+  return _call_kernel(module, q, k, v, log_gate, chunk_size=chunk_size, scale=scale, interpret=interpret)

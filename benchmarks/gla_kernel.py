@@ -1,0 +1,443 @@
+"""GLA kernel benchmark on one GPU: our Pallas kernel vs the XLA chunked reference, fla's chunk_gla, cuDNN.
+
+Run on the GPU machine: `python benchmarks/gla_kernel.py --mode MODE [--out DIR] [--shapes "B,T,H,K,V;..."]`.
+Every mode records the environment (device, jax/jaxlib/triton/torch/fla versions, nvidia-smi) and measures the
+device-to-device copy bandwidth (bytes read + written) as the HBM ceiling, then:
+- `full`: times forward and forward+backward of our kernel (tuned config), the XLA chunked reference, fla's
+  `chunk_gla` (PyTorch; optional: an import or run error is recorded and the run goes on) and cuDNN attention
+  (head dim 64, as a yardstick) at B=8, H=6, T = 256..12544 and B=2, T=50176, head dims 32/64 then 64/64;
+  prints a table and writes `<out>/gla_kernel_<card>.json` after every shape;
+- `check`: correctness at real sizes: our kernel (bf16 and fp32 inputs, forward and all four gradients,
+  several configs) against the chunked reference in fp32 at HIGHEST precision, DiG-like and extreme
+  (-1e-3..-10) gates, and fla's output against the same reference (`..._check.json`);
+- `parts`: each Pallas kernel alone under several tilings (`..._parts.json`); `grad`: gradient-kernel versions
+  end to end; `sweep`: whole-pipeline configs.
+Timing = median over repeats of back-to-back calls after warm-up, rotating three input sets, synchronised with
+block_until_ready / torch.cuda.synchronize. Run `full` and `check` as separate processes with their own
+timeouts: compile and autotuning times (XLA's and fla's) vary a lot.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+warnings.filterwarnings("ignore", message=".*Triton backend is deprecated.*")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pallas_kernels.gla import gpu, reference  # noqa: E402
+
+LOG: list[str] = []
+
+
+T_START = time.time()
+
+
+def log(msg: str) -> None:
+  msg = f"[{time.time() - T_START:6.1f}s] {msg}"
+  print(msg, flush=True)
+  LOG.append(msg)
+
+
+def card_slug(kind: str) -> str:
+  for name in ("h200", "h100", "a100", "l4", "b200"):
+    if name in kind.lower():
+      return name
+  return "".join(ch if ch.isalnum() else "_" for ch in kind.lower())
+
+
+# ----------------------------------------------------------------------------------------------------- timing
+
+
+def time_calls(fn, arg_sets, sync, reps: int = 15, target_s: float = 3e-3) -> float:
+  """Median seconds per call over `reps` repeats of back-to-back calls (rotating `arg_sets`)."""
+  for args in arg_sets:
+    sync(fn(*args))
+  t0 = time.perf_counter()
+  sync(fn(*arg_sets[0]))
+  one = time.perf_counter() - t0
+  inner = int(max(1, min(100, target_s / max(one, 1e-6))))
+  times = []
+  for r in range(reps):
+    t0 = time.perf_counter()
+    for i in range(inner):
+      out = fn(*arg_sets[(r * inner + i) % len(arg_sets)])
+    sync(out)
+    times.append((time.perf_counter() - t0) / inner)
+  return statistics.median(times)
+
+
+def jax_sync(x):
+  jax.block_until_ready(x)
+
+
+def copy_bandwidth() -> float:
+  """Bytes read + written per second of a large device copy (jitted x + 1 over 1 GiB fp32)."""
+  x = jnp.ones((256, 1024, 1024), jnp.float32)
+  f = jax.jit(lambda a: a + 1.0)
+  t = time_calls(f, [(x,)], jax_sync, reps=20)
+  return 2 * x.size * 4 / t
+
+
+# ----------------------------------------------------------------------------------------------------- inputs
+
+
+def make_inputs(key, b, t, h, dk, dv, dtype, gates: str = "dig"):
+  ks = jax.random.split(key, 5)
+  q = jax.random.normal(ks[0], (b, t, h, dk), jnp.float32).astype(dtype)
+  k = jax.random.normal(ks[1], (b, t, h, dk), jnp.float32).astype(dtype)
+  v = jax.random.normal(ks[2], (b, t, h, dv), jnp.float32).astype(dtype)
+  if gates == "dig":    # logsigmoid(x)/16, the model's gate
+    lg = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, dk)) * 2.0) / 16.0
+  else:                 # log-uniform magnitudes in [1e-3, 10]
+    lg = -jnp.exp(jax.random.uniform(ks[3], (b, t, h, dk), minval=np.log(1e-3), maxval=np.log(10.0)))
+  do = jax.random.normal(ks[4], (b, t, h, dv), jnp.float32).astype(dtype)
+  return q, k, v, lg, do
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if not np.all(np.isfinite(a)):
+    return float("nan")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ------------------------------------------------------------------------------------------------ impls (JAX)
+
+
+def ours(cfg: gpu.KernelConfig | None = None, chunk: int | None = None):
+  return lambda q, k, v, g: gpu.gla(q, k, v, g, chunk_size=chunk, config=cfg)
+
+
+def xla_chunked(q, k, v, g):
+  return reference.chunked_gla(q, k, v, g)
+
+
+def jax_fwd_bwd(f):
+  def run(q, k, v, g, do):
+    o, vjp = jax.vjp(f, q, k, v, g)
+    return vjp(do)
+  return jax.jit(run)
+
+
+def cudnn_attention(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+# ------------------------------------------------------------------------------------------------ fla (torch)
+
+
+def load_fla():
+  try:
+    import torch  # noqa: F401
+    from fla.ops.gla import chunk_gla
+    import fla
+    return chunk_gla, getattr(fla, "__version__", "?"), None
+  except Exception as e:  # noqa: BLE001 - recorded, not fatal
+    return None, None, f"{type(e).__name__}: {e}"
+
+
+def to_torch(x):
+  import torch
+  return torch.utils.dlpack.from_dlpack(jax.block_until_ready(x))
+
+
+def time_fla(chunk_gla, inputs_sets):
+  import torch
+  sets = []
+  for q, k, v, g, do in inputs_sets:
+    tq, tk, tv, tg, tdo = (to_torch(x).clone() for x in (q, k, v, g.astype(jnp.float32), do))
+    for x in (tq, tk, tv, tg):
+      x.requires_grad_(True)
+    sets.append((tq, tk, tv, tg, tdo))
+  sync = lambda _: torch.cuda.synchronize()
+  with torch.no_grad():
+    fwd = time_calls(lambda q, k, v, g, do: chunk_gla(q, k, v, g)[0], sets, sync)
+
+  def fwd_bwd(q, k, v, g, do):
+    o = chunk_gla(q, k, v, g)[0]
+    return torch.autograd.grad(o, (q, k, v, g), do)
+  return fwd, time_calls(fwd_bwd, sets, sync)
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+
+
+REF32 = jax.jit(lambda q, k, v, g: reference.chunked_gla(q, k, v, g, precision=jax.lax.Precision.HIGHEST))
+REF32_FWD_BWD = jax_fwd_bwd(lambda q, k, v, g: reference.chunked_gla(q, k, v, g,
+                                                                     precision=jax.lax.Precision.HIGHEST))
+
+
+def check_case(b, t, h, dk, dv, gates, dtype, cfg, seed) -> dict:
+  q, k, v, g, do = make_inputs(jax.random.key(seed), b, t, h, dk, dv, dtype, gates)
+  up = [x.astype(jnp.float32) for x in (q, k, v, g, do)]
+  f = ours(cfg)
+  o, o_ref = jax.jit(f)(q, k, v, g), REF32(*up[:4])
+  grads, grads_ref = jax_fwd_bwd(f)(q, k, v, g, do), REF32_FWD_BWD(*up)
+  return dict(out=rel_err(o, o_ref), **{f"d{n}": rel_err(a, r) for n, a, r in zip("qkvg", grads, grads_ref)})
+
+
+def check_correctness(fla_fn, save_fn=lambda rows: None) -> list[dict]:
+  rows = []
+  cases = [(8, 4096, 6, 32, 64, "dig"), (2, 12544, 6, 32, 64, "extreme"), (2, 4100, 6, 64, 64, "extreme"),
+           (1, 2000, 2, 128, 128, "extreme"), (32, 256, 6, 32, 64, "dig")]
+  for i, (b, t, h, dk, dv, gates) in enumerate(cases):
+    for dtype in (jnp.bfloat16, jnp.float32):
+      for name, cfg in CHECK_CONFIGS.items():
+        if name != "tuned" and i != 0:
+          continue
+        row = dict(shape=[b, t, h, dk, dv], gates=gates, dtype=jnp.dtype(dtype).name, config=name)
+        try:
+          row.update(check_case(b, t, h, dk, dv, gates, dtype, cfg, 100 + i))
+        except Exception as e:  # noqa: BLE001
+          row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+        rows.append(row)
+        log("check " + json.dumps(row))
+        save_fn(rows)
+    if fla_fn is not None and dk == 32 and i == 0:
+      try:
+        q, k, v, g, do = make_inputs(jax.random.key(100 + i), b, t, h, dk, dv, jnp.bfloat16, gates)
+        o = fla_fn(*(to_torch(x) for x in (q, k, v, g.astype(jnp.float32))))[0]
+        o = np.asarray(o.float().cpu().numpy())
+        o_ref = REF32(*(x.astype(jnp.float32) for x in (q, k, v, g)))
+        row = dict(shape=[b, t, h, dk, dv], gates=gates, dtype="bfloat16", impl="fla", out=rel_err(o, o_ref))
+        rows.append(row)
+        log("check " + json.dumps(row))
+      except Exception as e:  # noqa: BLE001
+        log(f"fla check failed: {type(e).__name__}: {e}")
+  return rows
+
+
+PARTS_SHAPES = ((8, 12544, 6, 32, 64), (2, 50176, 6, 32, 64), (32, 256, 6, 32, 64))
+
+
+def parts_bench(base_config: gpu.KernelConfig = gpu.KernelConfig()) -> list[dict]:
+  """Times each kernel alone (several tilings) to see where the time goes."""
+  rows = []
+  rep = dataclasses.replace
+  for b, t, h, dk, dv in PARTS_SHAPES:
+    q, k, v, lg, do = make_inputs(jax.random.key(1), b, t, h, dk, dv, jnp.bfloat16)
+    base = rep(base_config, scale=dk ** -0.5)
+    g = reference.chunk_local_cumsum(lg, base.chunk_size)
+    row = dict(shape=[b, t, h, dk, dv], ms={})
+
+    def timed(name, fn, *args):
+      try:
+        row["ms"][name] = time_calls(jax.jit(fn), [args], jax_sync) * 1e3
+      except Exception as e:  # noqa: BLE001
+        row["ms"][name] = f"{type(e).__name__}: {str(e)[:300]}"
+    for name, cfg in STATE_VARIANTS.items():
+      cfg = rep(base, **cfg)
+      timed(f"state/{name}", lambda k, v, g, cfg=cfg: gpu._states(k, v, g, cfg), k, v, g)
+      timed(f"dstate/{name}", lambda q, g, do, cfg=cfg: gpu._dstates(q, g, do, cfg), q, g, do)
+    hs = gpu._states(k, v, g, base)
+    ds = gpu._dstates(q, g, do, base)
+    for name, cfg in OUT_VARIANTS.items():
+      cfg = rep(base, **cfg)
+      timed(f"out/{name}", lambda q, k, v, g, hs, cfg=cfg: gpu._outputs(q, k, v, g, hs, cfg), q, k, v, g, hs)
+    for name, cfg in FUSED_VARIANTS.items():
+      cfg = rep(base, **cfg)
+      timed(f"fused/{name}", lambda q, k, v, g, cfg=cfg: gpu._fused_forward(q, k, v, g, cfg, False)[0],
+            q, k, v, g)
+    for name, cfg in GRAD_VARIANTS.items():
+      cfg = rep(base, **cfg)
+      timed(f"grad/{name}", lambda *a, cfg=cfg: gpu._grads(*a, cfg), q, k, v, g, do, hs, ds)
+    timed("xla_glue/cumsum", lambda lg: reference.chunk_local_cumsum(lg, 64), lg)
+    log("parts " + json.dumps(row))
+    rows.append(row)
+  return rows
+
+
+STATE_VARIANTS = {
+    "k32v32": {}, "k32v32_pf": dict(prefetch=True), "k16v16": dict(state_block_k=16, state_block_v=16),
+    "k16v16_pf": dict(state_block_k=16, state_block_v=16, prefetch=True),
+    "k16v32_pf": dict(state_block_k=16, state_block_v=32, prefetch=True),
+    "k32v64_pf": dict(state_block_v=64, prefetch=True), "k32v32_s3": dict(stages=3),
+    "k16v16_pf_w2": dict(state_block_k=16, state_block_v=16, prefetch=True, warps_state=2),
+    "k16v16_pf_w1": dict(state_block_k=16, state_block_v=16, prefetch=True, warps_state=1),
+}
+OUT_VARIANTS = {"w4": {}, "w2": dict(warps_out=2), "w8": dict(warps_out=8), "w4_s1": dict(stages=1),
+                "w4_s3": dict(stages=3)}
+FUSED_VARIANTS = {"bv64": {}, "bv64_pf": dict(prefetch=True), "bv32_pf": dict(fwd_block_v=32, prefetch=True),
+                  "bv32_pf_w8": dict(fwd_block_v=32, prefetch=True, warps_fused=8)}
+GRAD_VARIANTS = {"w4": {}, "w8": dict(warps_grad=8), "w4_bv32": dict(grad_block_v=32),
+                 "w4_s1": dict(stages=1), "w4_s3": dict(stages=3)}
+CHECK_CONFIGS = {"tuned": None, "fused": gpu.KernelConfig(fused=True),
+                 "no_prefetch": gpu.KernelConfig(prefetch=False)}
+
+
+# ----------------------------------------------------------------------------------------------- timing table
+
+
+def min_fwd_bytes(b, t, h, dk, dv):
+  """Fully fused forward floor: q, k, v, o in bf16 plus the fp32 cumulative gate (gla_kernels.md §5.2)."""
+  return b * t * h * (2 * (2 * dk + 2 * dv) + 4 * dk)
+
+
+def bench_shape(b, t, h, dk, dv, impls: dict, fla_fn, bw: float, with_attention: bool) -> dict:
+  sets = [make_inputs(jax.random.key(s), b, t, h, dk, dv, jnp.bfloat16) for s in range(3)]
+  row = dict(shape=dict(B=b, T=t, H=h, K=dk, V=dv), ms={})
+  floor_s = min_fwd_bytes(b, t, h, dk, dv) / bw
+  row["hbm_floor_fwd_ms"] = floor_s * 1e3
+  for name, f in impls.items():
+    try:
+      fwd = time_calls(jax.jit(f), [s[:4] for s in sets], jax_sync)
+      fb = time_calls(jax_fwd_bwd(f), sets, jax_sync)
+      row["ms"][name] = dict(fwd=fwd * 1e3, fwd_bwd=fb * 1e3, fwd_over_floor=fwd / floor_s)
+    except Exception as e:  # noqa: BLE001
+      row["ms"][name] = dict(error=f"{type(e).__name__}: {str(e)[:500]}")
+  if fla_fn is not None:
+    try:
+      fwd, fb = time_fla(fla_fn, sets)
+      row["ms"]["fla"] = dict(fwd=fwd * 1e3, fwd_bwd=fb * 1e3, fwd_over_floor=fwd / floor_s)
+    except Exception as e:  # noqa: BLE001
+      row["ms"]["fla"] = dict(error=f"{type(e).__name__}: {str(e)[:500]}")
+  if with_attention:
+    try:
+      att = [tuple(jax.random.normal(jax.random.key(9 + s), (b, t, h, 64), jnp.bfloat16) for _ in range(3))
+             for s in range(2)]
+      fwd = time_calls(jax.jit(cudnn_attention), att, jax_sync)
+
+      def att_fb(q, k, v):
+        o, vjp = jax.vjp(cudnn_attention, q, k, v)
+        return vjp(o)
+      fb = time_calls(jax.jit(att_fb), att, jax_sync)
+      row["ms"]["cudnn_attention_d64"] = dict(fwd=fwd * 1e3, fwd_bwd=fb * 1e3)
+    except Exception as e:  # noqa: BLE001
+      row["ms"]["cudnn_attention_d64"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+  del sets
+  log("time " + json.dumps(row))
+  return row
+
+
+def print_table(rows: list[dict], bw: float) -> None:
+  names = sorted({n for r in rows for n in r["ms"]})
+  log(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; times in ms (fwd / fwd+bwd); floor = fused-forward HBM floor")
+  log("shape (B,T,H,K,V)".ljust(26) + "floor".rjust(7) + "".join(n[:22].rjust(24) for n in names))
+  for r in rows:
+    s = r["shape"]
+    line = f"{s['B']},{s['T']},{s['H']},{s['K']},{s['V']}".ljust(26) + f"{r['hbm_floor_fwd_ms']:7.3f}"
+    for n in names:
+      m = r["ms"].get(n, {})
+      cell = "err" if "error" in m else ("-" if not m else f"{m['fwd']:.3f}/{m['fwd_bwd']:.3f}")
+      line += cell.rjust(24)
+    log(line)
+
+
+def env_info() -> dict:
+  info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, platform=jax.default_backend())
+  try:
+    import jaxlib
+    info["jaxlib"] = jaxlib.__version__
+  except Exception:  # noqa: BLE001
+    pass
+  for mod in ("triton", "torch"):
+    try:
+      info[mod] = __import__(mod).__version__
+    except Exception as e:  # noqa: BLE001
+      info[mod] = f"unavailable: {e}"
+  try:
+    query = "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit"
+    info["nvidia_smi"] = subprocess.run(["nvidia-smi", query, "--format=csv"], capture_output=True, text=True,
+                                        timeout=30).stdout.strip()
+  except Exception as e:  # noqa: BLE001
+    info["nvidia_smi"] = str(e)
+  return info
+
+
+GRAD_SWEEP = {"grad_v1": dict(grad_version=1), "grad_v2": dict(grad_version=2),
+              "grad_v2_w8": dict(grad_version=2, warps_grad=8),
+              "grad_v2_w2": dict(grad_version=2, warps_grad=2)}
+SWEEP = {
+    "two_pass": gpu.KernelConfig(),
+    "two_pass_no_prefetch": gpu.KernelConfig(prefetch=False),
+    "two_pass_st16": gpu.KernelConfig(state_block_k=16, state_block_v=16),
+    "fused": gpu.KernelConfig(fused=True),
+    "fused_bv32": gpu.KernelConfig(fused=True, fwd_block_v=32),
+}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--mode", default="full", choices=["full", "sweep", "check", "parts", "grad"])
+  default_out = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
+  parser.add_argument("--out", default=default_out)
+  parser.add_argument("--shapes", default="")
+  args = parser.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  result = dict(env=env_info(), mode=args.mode)
+  log(json.dumps(result["env"], indent=1))
+  fla_fn, fla_version, fla_error = load_fla()
+  result["fla"] = dict(version=fla_version, error=fla_error)
+  log(f"fla: {result['fla']}")
+  bw = copy_bandwidth()
+  result["copy_bandwidth_TBps"] = bw / 1e12
+  log(f"copy bandwidth: {bw / 1e12:.3f} TB/s")
+  slug = card_slug(result["env"]["device"])
+
+  suffix = {"full": "", "check": "_check", "parts": "_parts", "sweep": "_sweep", "grad": "_grad"}[args.mode]
+
+  def save():
+    with open(os.path.join(args.out, f"gla_kernel_{slug}{suffix}.json"), "w") as fh:
+      json.dump(result, fh, indent=1)
+    with open(os.path.join(args.out, f"gla_kernel_{args.mode}.log"), "w") as fh:
+      fh.write("\n".join(LOG))
+
+  try:
+    if args.mode == "check":
+      result["correctness"] = check_correctness(fla_fn, save_fn=lambda rows: (result.update(correctness=rows),
+                                                                               save()))
+    elif args.mode == "parts":
+      result["parts"] = parts_bench()
+    elif args.mode == "grad":  # one gradient kernel (v1) vs dv + dq/dk/dG kernels (v2), end to end
+      rows = []
+      for b, t, h, dk, dv in ((8, 4096, 6, 32, 64), (8, 12544, 6, 32, 64), (2, 50176, 6, 32, 64)):
+        base = gpu.tuned_config((b, t, h, dk), (b, t, h, dv))
+        impls = {name: ours(dataclasses.replace(base, **kw)) for name, kw in GRAD_SWEEP.items()}
+        rows.append(bench_shape(b, t, h, dk, dv, impls, None, bw, False))
+        result["timings"] = rows
+        save()
+      print_table(rows, bw)
+    elif args.mode == "sweep":
+      rows = []
+      for b, t, h, dk, dv in ((8, 4096, 6, 32, 64), (8, 12544, 6, 32, 64), (2, 50176, 6, 32, 64)):
+        rows.append(bench_shape(b, t, h, dk, dv, {n: ours(c) for n, c in SWEEP.items()}, None, bw, False))
+        result["timings"] = rows
+        save()
+      print_table(rows, bw)
+    else:
+      shapes = [(8, t, 6, 32, 64) for t in (256, 1024, 4096, 12544)] + [(2, 50176, 6, 32, 64)]
+      shapes += [(8, t, 6, 64, 64) for t in (1024, 4096, 12544)] + [(2, 50176, 6, 64, 64)]
+      if args.shapes:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+      rows = []
+      for b, t, h, dk, dv in shapes:
+        impls = {"ours": ours(), "xla_chunked": xla_chunked}
+        if t > 12544:  # the XLA reference's backward at 50K tokens is slow and memory-hungry: skipped there
+          impls.pop("xla_chunked")
+        row = bench_shape(b, t, h, dk, dv, impls, fla_fn, bw, with_attention=dk == 32)
+        row["ours_config"] = dataclasses.asdict(gpu.tuned_config((b, t, h, dk), (b, t, h, dv)))
+        rows.append(row)
+        result["timings"] = rows
+        save()
+      print_table(rows, bw)
+  except Exception:  # noqa: BLE001
+    result["fatal"] = traceback.format_exc()
+    log(result["fatal"])
+  save()
+
+
+if __name__ == "__main__":
+  main()

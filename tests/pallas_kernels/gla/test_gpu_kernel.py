@@ -1,0 +1,129 @@
+"""Tests of the Pallas GPU GLA kernels (`pallas_kernels.gla.gpu`).
+
+On CPU the kernel bodies run through the Pallas interpreter (`interpret=True`) on tiny shapes: forward and all
+four gradients (q, k, v, log gate) against `reference.chunked_gla`, fresh random inputs every run (seed in the
+failure message), T not a multiple of the chunk, gates -|g| with |g| log-uniform in [1e-3, 10] per step. A
+lowering test turns the kernels into Triton IR for an H100 target without a GPU. Tests marked `gpu` run the
+compiled kernels at real sizes (DIG_TEST_GPU=1 on a GPU machine).
+
+Tolerances (relative Frobenius error against the reference on the same inputs, upcast to fp32, HIGHEST
+precision): fp32 inputs 2e-5 (the kernels use fp32 operands and IEEE fp32 dots; measured ~1e-7 on CPU and
+H100); bf16 inputs 1.5e-2 (bf16 matmul operands, like fla; measured 2-3e-3 for o, dq, dk, dv and up to 7e-3
+for the gate gradient).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.gla import gpu, reference
+from tests.pallas_kernels.gla.gla_test_utils import fresh_rng, random_inputs, rel_err
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
+
+
+def _fwd_and_grads(fn, q, k, v, g, do):
+  def run(q, k, v, g, do):
+    o, vjp = jax.vjp(fn, q, k, v, g)
+    return (o, *vjp(do))
+  return jax.jit(run)(q, k, v, g, do)
+
+
+def _check(shape, dtype, chunk, config, interpret, seed_rng=None):
+  rng, seed = seed_rng or fresh_rng()
+  b, t, h, dk, dv = shape
+  q, k, v, g = random_inputs(rng, b, t, h, dk, dv)
+  do = rng.standard_normal((b, t, h, dv)).astype("float32")
+  q, k, v, do = (jnp.asarray(x, dtype) for x in (q, k, v, do))
+  got = _fwd_and_grads(lambda *a: gpu.gla(*a, chunk_size=chunk, interpret=interpret, config=config),
+                       q, k, v, g, do)
+  up = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g, do)]
+  want = _fwd_and_grads(lambda *a: reference.chunked_gla(*a, chunk_size=chunk or 64,
+                                                         precision=jax.lax.Precision.HIGHEST), *up)
+  assert got[0].dtype == dtype and got[0].shape == (b, t, h, dv)
+  for name, a, r in zip(("o", "dq", "dk", "dv", "dg"), got, want):
+    assert a.shape == r.shape, name
+    err = rel_err(jnp.asarray(a, jnp.float32), r)
+    assert err < TOL[dtype], (name, err, seed, shape, dtype, config)
+
+
+# ------------------------------------------------------------------------------------------- interpret (CPU)
+
+
+def test_interpret_fp32_fused_forward_k32_v64():
+  # T = 40 with chunk 16: 3 chunks, the last one padded; the tuned config takes the fused forward here.
+  assert gpu.tuned_config((1, 40, 2, 32), (1, 40, 2, 64)).fused
+  _check((1, 40, 2, 32, 64), jnp.float32, 16, None, interpret=True)
+
+
+def test_interpret_bf16_two_pass_forward_k64_v64():
+  config = gpu.KernelConfig(fused=False, prefetch=True, state_block_k=16, state_block_v=32, grad_block_v=32)
+  _check((1, 45, 2, 64, 64), jnp.bfloat16, 16, config, interpret=True)
+
+
+def test_interpret_fp32_two_pass_no_prefetch_one_grad_kernel_chunk32_k16_v32():
+  config = gpu.KernelConfig(fused=False, prefetch=False, grad_version=1)
+  _check((2, 37, 1, 16, 32), jnp.float32, 32, config, interpret=True)
+
+
+def test_is_supported_and_input_errors():
+  assert gpu.is_supported((2, 100, 6, 32), (2, 100, 6, 64), jnp.bfloat16)
+  assert gpu.is_supported((2, 100, 6, 128), (2, 100, 6, 128), jnp.float32)
+  assert not gpu.is_supported((2, 100, 6, 24), (2, 100, 6, 64), jnp.bfloat16)   # not a power of two
+  assert not gpu.is_supported((2, 100, 6, 8), (2, 100, 6, 64), jnp.bfloat16)    # below Triton's dot minimum
+  assert not gpu.is_supported((2, 100, 6, 32), (2, 100, 6, 256), jnp.bfloat16)  # above the register budget
+  assert not gpu.is_supported((2, 100, 6, 32), (2, 100, 6, 64), jnp.float16)
+  x = jnp.zeros((1, 20, 1, 16))
+  with pytest.raises(ValueError, match="chunk_size"):
+    gpu.gla(x, x, x, x, chunk_size=24, interpret=True)
+  with pytest.raises(ValueError, match="head dims"):
+    y = jnp.zeros((1, 20, 1, 12))
+    gpu.gla(y, y, x, y, interpret=True)
+  with pytest.raises(ValueError, match="bf16/fp32"):
+    gpu.gla(*(x.astype(jnp.float16) for x in (x, x, x)), x, interpret=True)
+
+
+def test_default_chunk_and_tuned_tiles():
+  assert [gpu.default_chunk_size(t) for t in (1, 16, 17, 40, 64, 65, 5000)] == [16, 16, 32, 64, 64, 64, 64]
+  long_small_batch = gpu.tuned_config((2, 50176, 6, 32), (2, 50176, 6, 64))
+  assert not long_small_batch.fused and long_small_batch.state_block_k == 16
+  assert gpu.tuned_config((8, 12544, 6, 32), (8, 12544, 6, 64)).state_block_k == 32
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_kernels_lower_to_triton_for_h100(monkeypatch):
+  """Lowers forward and backward to Triton IR for an H100 (no GPU needed): catches unsupported Triton ops."""
+  gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+  if not hasattr(gpu_info, "_get_gpu_info_impl") or not hasattr(gpu_info, "GpuVersion"):
+    pytest.skip("private Pallas-Triton gpu_info API changed")
+  monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))
+  configs = [gpu.KernelConfig(), gpu.KernelConfig(fused=True, prefetch=False)]
+  for (dk, dv), dtype, config in zip(((32, 64), (128, 128)), (jnp.bfloat16, jnp.float32), configs):
+    args = [jax.ShapeDtypeStruct((2, 200, 3, d), dtype) for d in (dk, dk, dv)]
+    args.append(jax.ShapeDtypeStruct((2, 200, 3, dk), jnp.float32))
+    loss = lambda *a: gpu.gla(*a, config=config).astype(jnp.float32).sum()
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=("cuda",))
+    # forward (1 or 2 kernels) + reverse state + dv + dq/dk/dG
+    assert lowered.as_text().count("xla.gpu.triton") == (4 if config.fused else 5)
+
+
+# ------------------------------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(2, 1000, 3, 32, 64), (1, 777, 2, 64, 64), (1, 520, 2, 128, 128)])
+def test_gpu_matches_reference(shape, dtype):
+  _check(shape, dtype, None, None, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [dict(fused=True), dict(fused=True, prefetch=False), dict(prefetch=False),
+                                     dict(state_block_k=16, state_block_v=16), dict(warps_grad=8, stages=3),
+                                     dict(grad_version=1)])
+def test_gpu_kernel_variants_match_reference(variant):
+  config = dataclasses.replace(gpu.KernelConfig(), **variant)
+  _check((2, 3000, 6, 32, 64), jnp.bfloat16, None, config, interpret=False)

@@ -1,0 +1,131 @@
+"""Tests of the GLA dispatcher (`pallas_kernels.gla.ops`): impl resolution, errors, named impls, sharding.
+
+The Pallas GPU kernel runs here through its interpret path (`interpret=True`), so the same dispatcher code
+that wraps the kernel in `jax.shard_map` on a mesh is exercised on 8 fake CPU devices (tests/conftest.py).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from pallas_kernels.gla import GlaImpl, gla, ops, resolve_impl
+from tests.pallas_kernels.gla.gla_test_utils import fresh_rng, numpy_gla, random_inputs, rel_err
+
+Q_SHAPE, V_SHAPE = (2, 256, 6, 32), (2, 256, 6, 64)
+
+
+def test_auto_resolves_to_chunked_on_cpu():
+  assert jax.default_backend() == "cpu"
+  assert resolve_impl("auto", Q_SHAPE, V_SHAPE, jnp.bfloat16) == GlaImpl.CHUNKED
+  assert resolve_impl(GlaImpl.AUTO, Q_SHAPE, V_SHAPE, jnp.float32, platform="cpu") == GlaImpl.CHUNKED
+
+
+def test_auto_picks_gpu_kernel_on_gpu_only_where_supported():
+  assert resolve_impl("auto", Q_SHAPE, V_SHAPE, jnp.bfloat16, platform="gpu") == GlaImpl.PALLAS_GPU
+  assert resolve_impl("auto", (2, 256, 6, 24), V_SHAPE, jnp.bfloat16, platform="gpu") == GlaImpl.CHUNKED
+  assert resolve_impl("auto", Q_SHAPE, V_SHAPE, jnp.float16, platform="gpu") == GlaImpl.CHUNKED
+  assert resolve_impl("auto", Q_SHAPE, (2, 256, 6, 512), jnp.bfloat16, platform="gpu") == GlaImpl.CHUNKED
+
+
+def test_named_impl_is_returned_as_is():
+  for impl in ("recurrent", "chunked", "pallas_gpu", "pallas_tpu"):
+    assert resolve_impl(impl, Q_SHAPE, V_SHAPE, jnp.float32) == GlaImpl(impl)
+
+
+def test_unknown_impl_raises_clear_error():
+  with pytest.raises(ValueError, match="unknown GLA impl 'cuda'.*chunked"):
+    resolve_impl("cuda", Q_SHAPE, V_SHAPE, jnp.float32)
+  x = jnp.zeros((1, 4, 1, 16))
+  with pytest.raises(ValueError, match="unknown GLA impl"):
+    gla(x, x, x, x, impl="flash")
+
+
+def test_unsupported_shape_for_named_kernel_raises():
+  x = jnp.zeros((1, 4, 1, 24))
+  with pytest.raises(ValueError, match="does not support"):
+    gla(x, x, x, x, impl="pallas_gpu", interpret=True)
+
+
+@pytest.mark.parametrize("impl", ["auto", "recurrent", "chunked", "pallas_gpu"])
+def test_named_impls_match_float64(impl):
+  rng, seed = fresh_rng()
+  q, k, v, g = random_inputs(rng, 1, 37, 2, 16, 32)
+  expected, _ = numpy_gla(q, k, v, g)
+  got = jax.jit(lambda *a: gla(*a, impl=impl, chunk_size=16, interpret=True))(q, k, v, g)
+  assert got.shape == expected.shape and got.dtype == jnp.float32
+  # The default (not HIGHEST) matmul precision of the chunked reference is exact fp32 on CPU.
+  assert rel_err(got, expected) < 1e-4, (impl, seed)
+
+
+def _mesh(axis_type):
+  return jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(axis_type,) * 2)
+
+
+def test_kernel_partition_picks_batch_and_head_axes():
+  with jax.set_mesh(_mesh(AxisType.Auto)):
+    _, spec = ops.kernel_partition(jnp.zeros((8, 4, 6, 16)))
+    assert spec == P(("data",), None, ("tensor",), None)
+    # 4 devices do not divide a batch of 2, 2 do not divide 3 heads: nothing to split, no shard_map.
+    assert ops.kernel_partition(jnp.zeros((2, 4, 3, 16))) is None
+  assert ops.kernel_partition(jnp.zeros((8, 4, 6, 16))) is None  # no mesh
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_sharded_kernel_equals_unsharded_without_all_gather(axis_type):
+  rng, seed = fresh_rng()
+  q, k, v, g = random_inputs(rng, 4, 24, 2, 16, 16)
+  fn = lambda *a: gla(*a, impl="pallas_gpu", chunk_size=16, interpret=True)
+  unsharded = jax.jit(fn)(q, k, v, g)
+  mesh = _mesh(axis_type)
+  args = [jax.device_put(x, NamedSharding(mesh, P("data", None, "tensor", None))) for x in (q, k, v, g)]
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(fn).lower(*args).compile()
+    sharded = compiled(*args)
+  assert "all-gather" not in compiled.as_text()
+  assert sharded.sharding.spec == P("data", None, "tensor", None)
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(unsharded), rtol=1e-6, atol=1e-6,
+                             err_msg=str(seed))
+
+
+def test_sharded_kernel_gradients_equal_unsharded():
+  rng, seed = fresh_rng()
+  q, k, v, g = random_inputs(rng, 4, 16, 2, 16, 16)
+  loss = lambda *a: jnp.sum(gla(*a, impl="pallas_gpu", chunk_size=16, interpret=True) ** 2)
+  grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+  want = grad_fn(q, k, v, g)
+  mesh = _mesh(AxisType.Auto)
+  args = [jax.device_put(x, NamedSharding(mesh, P("data", None, "tensor", None))) for x in (q, k, v, g)]
+  with jax.set_mesh(mesh):
+    got = grad_fn(*args)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=str(seed))
+
+
+def test_kernel_inside_user_shard_map_is_not_sharded_again():
+  rng, seed = fresh_rng()
+  q, k, v, g = random_inputs(rng, 4, 16, 2, 16, 16)
+  fn = lambda *a: gla(*a, impl="pallas_gpu", chunk_size=16, interpret=True)
+  want = jax.jit(fn)(q, k, v, g)
+  mesh = _mesh(AxisType.Auto)
+  with jax.set_mesh(mesh):
+    # Pallas outputs carry no varying-axes type, so a user's own shard_map needs check_vma=False.
+    inner = jax.shard_map(fn, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=P("data"), check_vma=False)
+    got = jax.jit(inner)(q, k, v, g)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=str(seed))
+
+
+def test_kernel_inside_partly_manual_shard_map_shards_the_free_head_axis():
+  rng, seed = fresh_rng()
+  q, k, v, g = random_inputs(rng, 4, 16, 2, 16, 16)
+  fn = lambda *a: gla(*a, impl="pallas_gpu", chunk_size=16, interpret=True)
+  want = jax.jit(fn)(q, k, v, g)
+  mesh = _mesh(AxisType.Auto)
+  with jax.set_mesh(mesh):
+    assert ops.kernel_partition(jnp.zeros((4, 16, 2, 16)))[1] == P(("data",), None, ("tensor",), None)
+    inner = jax.shard_map(fn, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=P("data"), axis_names={"data"},
+                          check_vma=False)
+    got = jax.jit(inner)(q, k, v, g)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=str(seed))
