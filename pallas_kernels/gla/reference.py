@@ -126,8 +126,9 @@ def chunked_gla(
   def step(state, x):
     q_n, k_n, v_n, g_n = x  # [B,H,C,K] x3 (v: V), g_n is the chunk-local cumsum
     g_last = g_n[:, :, -1:, :]  # [B,H,1,K]
-    # Inter-chunk: contribution of the state entering this chunk.
-    o_inter = jnp.einsum("bhck,bhkv->bhcv", q_n * jnp.exp(g_n), state, precision=precision)
+    # Inter-chunk: contribution of the state entering this chunk (None: a known-zero state, see below).
+    o_inter = 0.0 if state is None else jnp.einsum("bhck,bhkv->bhcv", q_n * jnp.exp(g_n), state,
+                                                    precision=precision)
     # Intra-chunk: exact pairwise decay, masked before the exponential (exponents <= 0 everywhere).
     diff = g_n[:, :, :, None, :] - g_n[:, :, None, :, :]  # [B,H,C(query),C(key),K]
     decay = jnp.exp(jnp.where(causal[:, :, None], diff, -jnp.inf))
@@ -136,11 +137,21 @@ def chunked_gla(
     o_n = (o_inter + o_intra) * scale
     # State update: S <- diag(exp(G_C)) S + (k * exp(G_C - G))^T v.
     k_decayed = k_n * jnp.exp(g_last - g_n)
-    state = state * jnp.exp(g_last)[:, :, 0, :, None] + jnp.einsum(
-        "bhck,bhcv->bhkv", k_decayed, v_n, precision=precision)
-    return state, o_n
+    new_state = jnp.einsum("bhck,bhcv->bhkv", k_decayed, v_n, precision=precision)
+    if state is not None:
+      new_state = new_state + state * jnp.exp(g_last)[:, :, 0, :, None]
+    return new_state, o_n
 
-  state0 = _zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
-  final_state, o = jax.lax.scan(step, state0, tuple(to_chunks(x) for x in (qf, kf, vf, cum)))
+  chunks = tuple(to_chunks(x) for x in (qf, kf, vf, cum))
+  if initial_state is None:
+    # The first chunk starts from a zero state: peel it off the scan instead of multiplying by a zero constant.
+    # Besides saving work, this avoids an XLA:CPU bug in jaxlib 0.11.2 (its experimental "ynn" dot fusion
+    # returns garbage for a dot whose operand is a broadcast constant, which is what a one-chunk scan over a
+    # zero initial state becomes once XLA unrolls it).
+    state1, o_first = step(None, tuple(x[0] for x in chunks))
+    final_state, o_rest = jax.lax.scan(step, state1, tuple(x[1:] for x in chunks))
+    o = jnp.concatenate([o_first[None], o_rest], axis=0)
+  else:
+    final_state, o = jax.lax.scan(step, initial_state.astype(jnp.float32), chunks)
   o = o.transpose(1, 0, 3, 2, 4).reshape(b, n * c, h, dv)[:, :t].astype(v.dtype)
   return (o, final_state) if return_final_state else o

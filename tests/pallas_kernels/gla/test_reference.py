@@ -125,3 +125,19 @@ def test_padding_helpers():
   assert padded.shape == (1, 8, 1, 2) and float(padded[:, 5:].sum()) == 0.0
   cum = reference.chunk_local_cumsum(-jnp.ones((1, 8, 1, 1)), 4)
   np.testing.assert_array_equal(np.asarray(cum[0, :, 0, 0]), [-1, -2, -3, -4, -1, -2, -3, -4])
+
+
+@pytest.mark.parametrize("t,chunk", [(64, 64), (10, 16), (33, 32)])
+def test_jitted_chunked_matches_float64_including_single_chunk(t, chunk):
+  """Under jit, one- and two-chunk sequences must be right too.
+
+  Regression test: on jaxlib 0.11.2's CPU backend, a one-chunk scan over a zero initial state unrolls into a dot
+  with a broadcast-zero operand that XLA's "ynn" fusion computes as garbage (values ~1e30); the reference peels
+  the first chunk off the scan to avoid it.
+  """
+  rng, seed = fresh_rng()
+  q, k, v, g = random_inputs(rng, 1, t, 2, 32, 64)
+  expected, _ = numpy_gla(q, k, v, g)
+  for _ in range(3):  # The bug was intermittent (uninitialised memory): repeat.
+    got = jax.jit(lambda *a: reference.chunked_gla(*a, chunk_size=chunk, precision=HIGHEST))(q, k, v, g)
+    assert rel_err(got, expected) < FWD_TOL, f"seed {seed}"
