@@ -22,19 +22,11 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-# Mesh axis names and how the models' logical axis names map onto them (see dig_jax/sharding.py).
-MESH = [("data", -1), ("fsdp", 1), ("tensor", 1), ("context", 1)]
-LOGICAL_AXIS_RULES = [
-    ("activation_batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("classes", None),
-    ("patch", None),
-    ("gate_rank", None),
-    ("conv", None),
-    ("modulation", None),
-]
+# Mesh axis names and how the models' logical axis names map onto them: the defaults live with the code that
+# interprets them (dig_jax/sharding.py); a config copies them so every run records and can override its layout.
+from dig_jax.sharding import DEFAULT_MESH as MESH  # noqa: E402  (constants only)
+from dig_jax.sharding import DEFAULT_RULES as LOGICAL_AXIS_RULES  # noqa: E402
+
 SD_VAE = "sd-vae-ft-ema"
 SD_VAE_SCALE = 0.18215
 
