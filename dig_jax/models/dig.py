@@ -56,12 +56,20 @@ class DiGBlock(nnx.Module):
                     else srem.DepthwiseConv(d, init=cfg.dwconv, rngs=rngs, dtype=dtype))
 
   def __call__(self, x: jax.Array, c: jax.Array, grid: srem.Grid) -> jax.Array:
-    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = jnp.split(
-        self.adaln_modulation(jax.nn.silu(c)), 6, axis=-1)
-    x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-    x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+    # Named scopes only label the ops for profiles (benchmarks/trace_summary.py); they change nothing else.
+    with jax.named_scope("adaln"):
+      (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = jnp.split(
+          self.adaln_modulation(jax.nn.silu(c)), 6, axis=-1)
+    with jax.named_scope("norm_modulate"):
+      h = modulate(self.norm1(x), shift_msa, scale_msa)
+    x = x + gate_msa[:, None] * self.attn(h)
+    with jax.named_scope("norm_modulate"):
+      h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+    with jax.named_scope("mlp"):
+      x = x + gate_mlp[:, None] * self.mlp(h)
     if self.dw_conv is not None:
-      x = self.dw_conv(x, grid)
+      with jax.named_scope("dwconv"):
+        x = self.dw_conv(x, grid)
     return x
 
 
@@ -80,7 +88,8 @@ class DiG(DiffusionBackbone):
     _, final_order, grids = srem.block_scan_orders(len(self.blocks), self.grid, schedule)
     for i, block in enumerate(self.blocks):
       tokens = maybe_remat(_block_call(grids[i]), self.config.remat)(block, tokens, c)
-      tokens, _ = srem.reorient_after_block(tokens, grids[i], i, schedule)
+      with jax.named_scope("reorient"):
+        tokens, _ = srem.reorient_after_block(tokens, grids[i], i, schedule)
     return srem.restore_raster(tokens, final_order)
 
 

@@ -1,0 +1,434 @@
+"""Resolution sweep of DiG against DiT (issue #5; the paper's teaser, dig_spec.md §5.4-5.5): speed, memory.
+
+Run on the GPU machine: ``python -m benchmarks.model_sweep [--quick] [--out_dir=DIR] [--jobs=N]``.
+
+Every cell is one (model, attention/GLA implementation, image size, batch, precision). A cell measures
+- a full training step: ``dig_jax.train.train_step`` itself (forward, DiT's diffusion loss MSE + VB with
+  learned sigma, backward, AdamW, EMA), jitted once with ``donate_argnums=(0,)`` as ``train.py`` does, after
+  two warm-up steps; median of >= 5 timed steps, each synchronised with ``block_until_ready``;
+  images/s = batch / time;
+- peak device memory of the process after the training steps (``memory_stats()["peak_bytes_in_use"]``) and
+  XLA's static memory analysis of the compiled step (arguments + temporaries);
+- one sampling step's forward: a plain (no CFG) model call on the EMA parameters, batch as above, images/s.
+Latent = image/8 with 4 channels, 1000 classes, learned sigma. Precision "bf16" = bf16 compute (fp32 master
+weights, fp32 loss); "fp32" = fp32 compute with TF32 matmuls
+(``jax.default_matmul_precision("tensorfloat32")``), what the paper trained with. cuDNN flash attention has
+no fp32 mode: those cells are reported as n/a.
+
+Each cell runs in a fresh subprocess, so its peak memory is its own and an out-of-memory error is reported as
+OOM instead of ending the sweep. Compilation dominates the cost of a cell, so by default all cells are first
+compiled in parallel subprocesses (``--jobs``) into JAX's persistent compilation cache, and the timed runs
+then load their executables from it, one cell at a time. Results are written after every cell
+(``<out_dir>/model_sweep_<card>.json``), so a sweep cut short still leaves its finished cells.
+``--profile`` instead traces training steps of the ``--extra`` cells and writes per-op GPU time
+(`trace_summary.py`); ``--extra`` adds cells such as ``"DiG-S/2:256:bf16:gla=chunked"`` (see `extra_cells`).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+SIZES = (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
+BATCH = {256: 32, 512: 8, 768: 4, 1024: 4, 1280: 2, 1536: 2, 1792: 2, 2048: 2}
+PRECISIONS = ("bf16", "fp32")
+RESULT_TAG = "RESULT "
+TRAIN_TARGET_S = 1.0  # timed steps per cell: at least --steps, more until this much time (at most 20)
+FWD_TARGET_S = 0.5
+
+
+def cell(model: str, px: int, precision: str, *, batch: int | None = None, attention: str = "xla",
+         gla: str = "auto", remat: str = "none", diag: str = "") -> dict[str, Any]:
+  """One benchmark cell (plain JSON data; a worker subprocess gets it on its command line).
+
+  diag="nonorm": a diagnostic run with the step's three tree-norm metrics replaced by zeros (not what users
+  run; it measures what those metrics cost).
+  """
+  is_dig = model.startswith("DiG")
+  label = model + ("" if is_dig else f"-{attention}")
+  if is_dig and gla != "auto":
+    label += f"[gla={gla}]"
+  for flag, text in ((remat != "none", f"remat={remat}"), (diag, f"diag={diag}")):
+    if flag:
+      label += f"[{text}]"
+  return dict(label=label, model=model, px=px, batch=batch or BATCH[px], precision=precision,
+              attention=None if is_dig else attention, gla=gla if is_dig else None, remat=remat, diag=diag)
+
+
+def sweep_cells(quick: bool) -> list[dict[str, Any]]:
+  if quick:
+    sizes, precisions = (256, 1792), ("bf16",)
+  else:
+    sizes, precisions = SIZES, PRECISIONS
+  cells = []
+  for precision in precisions:
+    for px in sizes:
+      cells.append(cell("DiG-S/2", px, precision))
+      cells.append(cell("DiT-S/2", px, precision, attention="xla"))
+      if precision == "bf16":
+        cells.append(cell("DiT-S/2", px, precision, attention="cudnn"))
+  if not quick:
+    for px in (1024, 2048):
+      cells.append(cell("DiG-XL/2", px, "bf16"))
+      cells.append(cell("DiT-XL/2", px, "bf16", attention="cudnn"))
+  return cells
+
+
+def extra_cells(spec: str) -> list[dict[str, Any]]:
+  """``--extra "DiG-S/2:256:bf16:gla=chunked,DiT-S/2:1792:fp32:attention=xla:batch=1"`` -> cells."""
+  cells = []
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    model, px, precision, *opts = item.split(":")
+    kwargs: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    for opt in opts:
+      key, _, value = opt.partition("=")
+      if key == "batch":
+        kwargs[key] = int(value)
+      elif key == "dump_hlo":
+        kwargs[key] = value in ("1", "true", "True")
+      elif key in ("attention", "gla", "remat", "diag"):
+        kwargs[key] = value
+      else:  # any other model-config field (e.g. depth=2 for a smoke test on CPU)
+        overrides[key] = int(value) if value.isdigit() else value
+    dump_hlo = kwargs.pop("dump_hlo", False)
+    spec = dict(cell(model, int(px), precision, **kwargs), dump_hlo=dump_hlo, overrides=overrides)
+    if overrides:
+      spec["label"] += "[" + ",".join(f"{k}={v}" for k, v in overrides.items()) + "]"
+    cells.append(spec)
+  return cells
+
+
+# ------------------------------------------------------------------------------------------- the worker side
+
+
+def _is_oom(error: BaseException) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _build(spec: dict[str, Any]):
+  """(step_fn, fwd_fn, state, batch, rng, graphdef) for a cell; arrays created on the default device."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  from flax import nnx
+
+  from dig_jax import diffusion as diffusion_lib, models, optim, train
+  if spec.get("diag") == "nonorm":  # diagnostic only: what the per-leaf norm metrics cost
+    import optax
+    optax.tree.norm = lambda tree, *a, **k: jnp.zeros((), jnp.float32)
+  latent = spec["px"] // 8
+  overrides = dict(input_size=latent, in_channels=4, num_classes=1000, learn_sigma=True,
+                   dtype="bfloat16" if spec["precision"] == "bf16" else "float32", remat=spec["remat"])
+  if spec["attention"]:
+    overrides["attention_impl"] = spec["attention"]
+  if spec["gla"]:
+    overrides["gla_impl"] = spec["gla"]
+  overrides.update(spec.get("overrides", {}))
+  model_config = models.model_config_for(spec["model"], **overrides)
+  optim_config = ml_collections.ConfigDict(dict(  # the paper's recipe (configs/common.py)
+      learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, schedule="constant", warmup_steps=0,
+      min_lr_ratio=0.0, grad_clip_norm=0.0))
+  tx, lr_schedule = optim.create_optimizer(optim_config, 1000)
+  diffusion = diffusion_lib.create_diffusion("", num_timesteps=1000, noise_schedule="linear",
+                                             learn_sigma=True)
+  abstract_model = nnx.eval_shape(lambda: models.create_model(model_config, rngs=nnx.Rngs(0)))
+  graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+  init_key, data_key, rng = jax.random.split(jax.random.key(0), 3)
+  state = jax.jit(functools.partial(train._init_state, model_config=model_config, tx=tx))(init_key)
+  b = spec["batch"]
+  k1, k2 = jax.random.split(data_key)
+  batch = {"image": jax.random.normal(k1, (b, latent, latent, 4), jnp.float32),
+           "label": jax.random.randint(k2, (b,), 0, 1000, jnp.int32)}
+  step_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, diffusion=diffusion,
+                                      lr_schedule=lr_schedule, ema_decay=0.9999, label_dropout=True),
+                    donate_argnums=(0,))
+
+  def forward(params, model_state, x, t, y):
+    return nnx.merge(graphdef, params, model_state)(x, t, y)
+
+  return step_fn, jax.jit(forward), state, batch, rng
+
+
+def _median_time(fn, min_reps: int, target_s: float, max_reps: int) -> list[float]:
+  import jax
+  times: list[float] = []
+  while len(times) < min_reps or (sum(times) < target_s and len(times) < max_reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def _memory_analysis(compiled) -> dict[str, int] | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend has it
+    return None
+  if m is None:
+    return None
+  return {f: int(getattr(m, f, 0)) for f in ("argument_size_in_bytes", "output_size_in_bytes",
+                                             "temp_size_in_bytes", "alias_size_in_bytes")}
+
+
+def _profile(one_step, hlo_text: str, spec: dict[str, Any], steps: int = 3) -> dict[str, Any]:
+  """Traces `steps` training steps; per-op GPU time (trace_summary.summarize). Optionally dumps the HLO."""
+  import gzip
+  import tempfile
+
+  import jax
+
+  from benchmarks import trace_summary
+  trace_dir = tempfile.mkdtemp(prefix="dig_trace_")
+  with jax.profiler.trace(trace_dir):
+    for _ in range(steps):
+      metrics = one_step()
+    jax.block_until_ready(metrics)
+  if spec.get("dump_hlo") and os.environ.get("OUT"):
+    name = f"hlo_{spec['label']}_{spec['px']}_{spec['precision']}"
+    name = "".join(ch if ch.isalnum() else "_" for ch in name)
+    with gzip.open(os.path.join(os.environ["OUT"], name + ".txt.gz"), "wt") as f:
+      f.write(hlo_text)
+  return trace_summary.summarize(trace_dir, hlo_text, steps)
+
+
+def run_worker(spec: dict[str, Any], mode: str, steps: int) -> dict[str, Any]:
+  """Compiles (mode "compile") or compiles and times (mode "run") one cell; returns a result dict."""
+  import contextlib
+  import statistics
+
+  import jax
+  import jax.numpy as jnp
+
+  out: dict[str, Any] = dict(spec, status="ok")
+  precision = (jax.default_matmul_precision("tensorfloat32") if spec["precision"] == "fp32"
+               else contextlib.nullcontext())
+  stage = "build"
+  try:
+    with precision:
+      step_fn, fwd_fn, state, batch, rng = _build(spec)
+      stage = "compile"
+      t0 = time.perf_counter()
+      step = step_fn.lower(state, batch, rng).compile()
+      out["train_compile_s"] = time.perf_counter() - t0
+      out["train_memory_analysis"] = _memory_analysis(step)
+      b, latent = spec["batch"], spec["px"] // 8
+      keys = jax.random.split(jax.random.key(1), 3)
+      x = jax.random.normal(keys[0], (b, latent, latent, 4), jnp.float32)
+      t = jax.random.randint(keys[1], (b,), 0, 1000, jnp.int32)
+      y = jax.random.randint(keys[2], (b,), 0, 1000, jnp.int32)
+      fwd_args = (state["ema_params"], state.get("model_state", {}), x, t, y)
+      t0 = time.perf_counter()
+      fwd = fwd_fn.lower(*fwd_args).compile()
+      out["forward_compile_s"] = time.perf_counter() - t0
+      out["forward_memory_analysis"] = _memory_analysis(fwd)
+      if mode == "compile":
+        return out
+      stage = "train"
+      holder = {"state": state}
+
+      def one_step():
+        holder["state"], metrics = step(holder["state"], batch, rng)
+        return metrics
+
+      for _ in range(2):
+        metrics = one_step()
+      jax.block_until_ready(metrics)
+      times = _median_time(one_step, min_reps=steps, target_s=TRAIN_TARGET_S, max_reps=max(steps, 20))
+      out["train_step_s"] = statistics.median(times)
+      out["train_step_times_s"] = times
+      out["train_images_per_s"] = b / out["train_step_s"]
+      out["loss"] = float(one_step()["loss"])
+      device = jax.devices()[0]
+      stats = device.memory_stats() or {}
+      out["train_peak_bytes"] = stats.get("peak_bytes_in_use")
+      out["bytes_limit"] = stats.get("bytes_limit")
+      if mode == "profile":
+        stage = "profile"
+        out["profile"] = _profile(one_step, step.as_text(), spec)
+      stage = "forward"
+      fwd_args = (holder["state"]["ema_params"], holder["state"].get("model_state", {})) + fwd_args[2:]
+      jax.block_until_ready(fwd(*fwd_args))
+      times = _median_time(lambda: fwd(*fwd_args), min_reps=steps, target_s=FWD_TARGET_S,
+                           max_reps=max(steps, 30))
+      out["forward_s"] = statistics.median(times)
+      out["forward_images_per_s"] = b / out["forward_s"]
+      out["peak_bytes_after_forward"] = (device.memory_stats() or {}).get("peak_bytes_in_use")
+  except Exception as e:  # noqa: BLE001 - reported per cell
+    out["status"] = "oom" if _is_oom(e) else "error"
+    out["failed_stage"] = stage
+    out["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+  return out
+
+
+def worker_main(args: argparse.Namespace) -> None:
+  import jax
+  if args.cache_dir:
+    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  spec = json.loads(args.worker)
+  result = run_worker(spec, args.mode, args.steps)
+  print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------------- the orchestrator
+
+
+def _compile_cost(spec: dict[str, Any]) -> float:
+  depth = {"S": 12, "B": 12, "L": 24, "XL": 28}[spec["model"].split("-")[1].split("/")[0]]
+  return depth * (2.0 if spec["model"].startswith("DiG") else 1.0)
+
+
+def card_slug(device_kind: str) -> str:
+  for name in ("h200", "h100", "a100", "l4", "b200", "cpu"):
+    if name in device_kind.lower():
+      return name
+  return "".join(ch if ch.isalnum() else "_" for ch in device_kind.lower())
+
+
+def environment() -> dict[str, Any]:
+  import jax
+  import jaxlib
+  device = jax.devices()[0]
+  env = dict(device_kind=device.device_kind, platform=device.platform, jax=jax.__version__,
+             jaxlib=jaxlib.__version__, python=sys.version.split()[0],
+             date=time.strftime("%Y-%m-%d %H:%M:%S"))
+  try:
+    env["nvidia_smi"] = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+        capture_output=True, text=True, timeout=20).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return env
+
+
+def launch(spec: dict[str, Any], mode: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
+  """Runs one worker subprocess; a crash or timeout becomes an error result."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  if mode == "compile":
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  cmd = [sys.executable, "-m", "benchmarks.model_sweep", "--worker", json.dumps(spec), "--mode", mode,
+         "--steps", str(args.steps), "--cache_dir", args.cache_dir]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  except subprocess.TimeoutExpired:
+    return dict(spec, status="timeout", error=f"worker exceeded {timeout:.0f} s ({mode})")
+  for line in proc.stdout.splitlines():
+    if line.startswith(RESULT_TAG):
+      return json.loads(line[len(RESULT_TAG):])
+  tail = (proc.stderr or proc.stdout)[-1500:]
+  status = "oom" if "RESOURCE_EXHAUSTED" in tail or "out of memory" in tail.lower() else "crash"
+  return dict(spec, status=status, error=f"exit {proc.returncode}: {tail}")
+
+
+def fmt_cell(r: dict[str, Any]) -> str:
+  if r["status"] == "ok":
+    peak = (r.get("train_peak_bytes") or 0) / 2**30
+    return f"{r['train_images_per_s']:8.2f} {peak:6.2f}G {r['forward_images_per_s']:8.1f}"
+  return f"{r['status'].upper():>26s}"
+
+
+def print_table(results: list[dict[str, Any]], log) -> None:
+  log(f"{'cell':34s} {'px':>5s} {'B':>3s} {'prec':>4s} | train img/s   peak | fwd img/s | compile s")
+  for r in results:
+    comp = f"{r.get('train_compile_s', 0):.0f}/{r.get('forward_compile_s', 0):.0f}"
+    log(f"{r['label']:34s} {r['px']:5d} {r['batch']:3d} {r['precision']:>4s} | {fmt_cell(r)} | {comp}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="two sizes, bf16, few steps (a smoke run)")
+  parser.add_argument("--out_dir", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__),
+                                                                                 "results"))
+  parser.add_argument("--jobs", type=int, default=6, help="parallel compile workers (0: no pre-compilation)")
+  parser.add_argument("--steps", type=int, default=5, help="minimum timed steps per cell")
+  parser.add_argument("--only", default="", help="comma-separated substrings; keep cells whose label matches")
+  parser.add_argument("--sizes", default="", help="comma-separated image sizes to keep")
+  parser.add_argument("--precisions", default="", help="bf16,fp32")
+  parser.add_argument("--extra", default="", help="extra cells, see extra_cells()")
+  parser.add_argument("--no_sweep", action="store_true", help="run only the --extra cells")
+  parser.add_argument("--deadline_s", type=float, default=540.0, help="start no cell after this many seconds")
+  parser.add_argument("--cell_timeout_s", type=float, default=240.0)
+  parser.add_argument("--cache_dir", default="/tmp/dig_jax_model_sweep_cache")
+  parser.add_argument("--tag", default="", help="suffix of the output file name")
+  parser.add_argument("--profile", action="store_true",
+                      help="trace the --extra cells instead (trace_summary)")
+  parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--mode", default="run", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    worker_main(args)
+    return
+  if args.profile:
+    from benchmarks import trace_summary
+    trace_summary.main(extra_cells(args.extra), args)
+    return
+
+  start = time.time()
+  os.makedirs(args.out_dir, exist_ok=True)
+  env = environment()
+  card = card_slug(env["device_kind"])
+  out_path = os.path.join(args.out_dir, f"model_sweep_{card}{args.tag}.json")
+  log_lines: list[str] = []
+
+  def log(msg: str) -> None:
+    print(msg, flush=True)
+    log_lines.append(msg)
+
+  cells = [] if args.no_sweep else sweep_cells(args.quick)
+  cells += extra_cells(args.extra)
+  if args.only:
+    cells = [c for c in cells if any(s in c["label"] for s in args.only.split(","))]
+  if args.sizes:
+    cells = [c for c in cells if str(c["px"]) in args.sizes.split(",")]
+  if args.precisions:
+    cells = [c for c in cells if c["precision"] in args.precisions.split(",")]
+  runnable = [c for c in cells if not (c["attention"] == "cudnn" and c["precision"] == "fp32")]
+  log(f"{env}\n{len(runnable)} cells -> {out_path}")
+  if args.quick:
+    args.steps = min(args.steps, 2)
+
+  if args.jobs > 0:
+    t0 = time.time()
+    by_cost = sorted(runnable, key=lambda c: -_compile_cost(c))  # start the slowest compiles first
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+      compiled = list(pool.map(lambda c: launch(c, "compile", args, args.cell_timeout_s + 60), by_cost))
+    for r in compiled:
+      if r["status"] != "ok":
+        log(f"  compile {r['label']} {r['px']} {r['precision']}: {r['status']} {r.get('error', '')[:300]}")
+    log(f"pre-compiled {len(runnable)} cells in {time.time() - t0:.0f} s")
+
+  results: list[dict[str, Any]] = []
+  for c in cells:
+    if c["attention"] == "cudnn" and c["precision"] == "fp32":
+      results.append(dict(c, status="n/a", error="cuDNN flash attention needs bf16/fp16"))
+      continue
+    if time.time() - start > args.deadline_s:
+      results.append(dict(c, status="skipped", error="deadline"))
+      continue
+    r = launch(c, "run", args, args.cell_timeout_s)
+    results.append(r)
+    log(f"[{time.time() - start:5.0f}s] {r['label']:34s} {r['px']:5d} B{r['batch']:<3d} {r['precision']} "
+        f"{fmt_cell(r)}" + (f"  {r.get('error', '')[:200]}" if r["status"] not in ("ok", "oom") else ""))
+    with open(out_path, "w", encoding="utf-8") as f:
+      json.dump(dict(environment=env, card=card, batch_sizes=BATCH, results=results), f, indent=1)
+  with open(out_path, "w", encoding="utf-8") as f:
+    json.dump(dict(environment=env, card=card, batch_sizes=BATCH, results=results), f, indent=1)
+  print_table(results, log)
+  with open(os.path.join(args.out_dir, f"model_sweep_{card}{args.tag}.log"), "w", encoding="utf-8") as f:
+    f.write("\n".join(log_lines) + "\n")
+
+
+if __name__ == "__main__":
+  main()
