@@ -198,3 +198,24 @@ def _state_after_batches(config, count):
   for _ in range(count):
     next(iterator)
   return iterator.get_state()
+
+
+def test_norms_are_computed_on_logged_steps_only():
+  """The norm metrics cost a few hundred reductions per step, so train_step computes them only on log steps."""
+  from flax import nnx
+  from dig_jax import diffusion as diffusion_lib, optim
+  config = tiny_config(num_train_steps=5)
+  tx, schedule = optim.create_optimizer(config.optim, config.num_train_steps)
+  state = train._init_state(jax.random.key(0), model_config=config.model, tx=tx)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: train.models.create_model(config.model, rngs=nnx.Rngs(0))))
+  step_fn = jax.jit(lambda s, b, r: train.train_step(
+      s, b, r, graphdef=graphdef, tx=tx, diffusion=diffusion_lib.create_diffusion(""), lr_schedule=schedule,
+      ema_decay=0.9, label_dropout=True, log_every_steps=2, num_train_steps=5))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32),
+           "label": rng.integers(0, 10, 8).astype(np.int32)}
+  logged = []
+  for _ in range(5):
+    state, metrics = step_fn(state, batch, jax.random.key(1))
+    logged.append(float(metrics["grad_norm"]) > 0 and float(metrics["param_norm"]) > 0)
+  assert logged == [False, True, False, True, True]  # Steps 2 and 4 (every 2) and 5 (the last).
