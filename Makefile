@@ -6,8 +6,9 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# First Python >= 3.12 on PATH (pyenv users: the committed .python-version selects 3.12.1).
-PYTHON ?= $(shell for p in python3 python3.14 python3.13 python3.12; do \
+# First Python >= 3.12 on PATH (pyenv users: the committed .python-version selects 3.12.1), else one that pyenv
+# installed but that is not on PATH.
+PYTHON ?= $(shell for p in python3 python3.14 python3.13 python3.12 $(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python3); do \
   if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; \
   then echo $$p; break; fi; done)
 WORKDIR ?= workdir/demo
