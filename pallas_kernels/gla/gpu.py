@@ -426,16 +426,24 @@ def _fused_forward(q, k, v, g, cfg: KernelConfig, save_states: bool):
   return outs[0], (outs[1] if save_states else None)
 
 
-def _states(k, v, g, cfg: KernelConfig):
-  b, tokens, heads, dim_k = k.shape
-  dim_v = v.shape[-1]
+def _state_pass(kernel_fn, inputs, widths: str, dim_v: int, cfg: KernelConfig):
+  """One sequential pass over the chunks producing a [B, NT, H, K, V] state per chunk, tiled over (K, V).
+
+  `inputs` are [B, T, H, K] or [B, T, H, V] tensors; `widths` says which, one letter ("k"/"v") per input. Used by
+  the forward state pass (k, v, G) and the backward one (q, G, dO).
+  """
+  b, tokens, heads, dim_k = inputs[0].shape
   bk, bv = min(cfg.state_block_k, dim_k), min(cfg.state_block_v, dim_v)
   nt = tokens // cfg.chunk_size
-  kernel = functools.partial(_state_kernel, cfg=cfg, num_chunks=nt, **_common(k, cfg))
-  return _call(kernel, cfg, cfg.warps_state, (b, heads, dim_k // bk, dim_v // bv),
-               [_seq_spec(tokens, bk, 0), _seq_spec(tokens, bv, 1), _seq_spec(tokens, bk, 0)],
+  kernel = functools.partial(kernel_fn, cfg=cfg, num_chunks=nt, **_common(inputs[0], cfg))
+  specs = [_seq_spec(tokens, bk, 0) if w == "k" else _seq_spec(tokens, bv, 1) for w in widths]
+  return _call(kernel, cfg, cfg.warps_state, (b, heads, dim_k // bk, dim_v // bv), specs,
                pl.BlockSpec((None, nt, None, bk, bv), lambda i, j, kt, vt: (i, 0, j, kt, vt)),
-               jax.ShapeDtypeStruct((b, nt, heads, dim_k, dim_v), _state_dtype(k)))(k, v, g)
+               jax.ShapeDtypeStruct((b, nt, heads, dim_k, dim_v), _state_dtype(inputs[0])))(*inputs)
+
+
+def _states(k, v, g, cfg: KernelConfig):
+  return _state_pass(_state_kernel, (k, v, g), "kvk", v.shape[-1], cfg)
 
 
 def _chunk_spec(c: int, width: int, tiled: bool = False):
@@ -461,15 +469,7 @@ def _two_pass_forward(q, k, v, g, cfg: KernelConfig):
 
 
 def _dstates(q, g, do, cfg: KernelConfig):
-  b, tokens, heads, dim_k = q.shape
-  dim_v = do.shape[-1]
-  bk, bv = min(cfg.state_block_k, dim_k), min(cfg.state_block_v, dim_v)
-  nt = tokens // cfg.chunk_size
-  kernel = functools.partial(_dstate_kernel, cfg=cfg, num_chunks=nt, **_common(q, cfg))
-  return _call(kernel, cfg, cfg.warps_state, (b, heads, dim_k // bk, dim_v // bv),
-               [_seq_spec(tokens, bk, 0), _seq_spec(tokens, bk, 0), _seq_spec(tokens, bv, 1)],
-               pl.BlockSpec((None, nt, None, bk, bv), lambda i, j, kt, vt: (i, 0, j, kt, vt)),
-               jax.ShapeDtypeStruct((b, nt, heads, dim_k, dim_v), _state_dtype(q)))(q, g, do)
+  return _state_pass(_dstate_kernel, (q, g, do), "kkv", do.shape[-1], cfg)
 
 
 def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
