@@ -16,8 +16,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from flax import nnx
 from configs import common
-from dig_jax import checkpointing, input_pipeline, metric_writers, train
+
+from dig_jax import checkpointing, input_pipeline, metric_writers, models, optim, train
+from dig_jax import diffusion as diffusion_lib
 
 MESH = (("data", -1), ("fsdp", 2), ("tensor", 1), ("context", 1))
 
@@ -202,12 +205,10 @@ def _state_after_batches(config, count):
 
 def test_norms_are_computed_on_logged_steps_only():
   """The norm metrics cost a few hundred reductions per step, so train_step computes them only on log steps."""
-  from flax import nnx
-  from dig_jax import diffusion as diffusion_lib, optim
   config = tiny_config(num_train_steps=5)
   tx, schedule = optim.create_optimizer(config.optim, config.num_train_steps)
   state = train._init_state(jax.random.key(0), model_config=config.model, tx=tx)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: train.models.create_model(config.model, rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(0))))
   step_fn = jax.jit(lambda s, b, r: train.train_step(
       s, b, r, graphdef=graphdef, tx=tx, diffusion=diffusion_lib.create_diffusion(""), lr_schedule=schedule,
       ema_decay=0.9, label_dropout=True, log_every_steps=2, num_train_steps=5))
