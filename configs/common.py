@@ -72,6 +72,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.diffusion = ml_collections.ConfigDict(dict(
       num_timesteps=1000,       # T of the training process.
       noise_schedule="linear",  # betas 1e-4 .. 0.02.
+      min_snr_gamma=0.0,        # > 0: Min-SNR-gamma weighting of the epsilon MSE (off in the paper).
   ))
 
   config.input = ml_collections.ConfigDict(dict(

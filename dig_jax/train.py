@@ -193,7 +193,8 @@ def _compile_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDe
   """`train_step` jitted with shardings and donation, lowered and compiled once."""
   diffusion = diffusion_lib.create_diffusion(
       "", num_timesteps=int(config.diffusion.num_timesteps),
-      noise_schedule=str(config.diffusion.noise_schedule), learn_sigma=bool(config.model.learn_sigma))
+      noise_schedule=str(config.diffusion.noise_schedule), learn_sigma=bool(config.model.learn_sigma),
+      min_snr_gamma=float(config.diffusion.min_snr_gamma))
   step_fn = functools.partial(
       train_step, graphdef=graphdef, tx=tx, diffusion=diffusion, lr_schedule=lr_schedule,
       ema_decay=float(config.ema_decay), label_dropout=float(config.model.class_dropout_prob) > 0,

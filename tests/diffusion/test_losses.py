@@ -163,3 +163,23 @@ def test_loss_variants():
   kl = create_diffusion("100", use_kl=True).training_losses(learned, x0, t, noise)
   np.testing.assert_allclose(kl["vb"], plain["vb"], rtol=1e-6)
   np.testing.assert_allclose(kl["loss"], 100 * plain["vb"], rtol=1e-6)
+
+
+def test_min_snr_weighting_matches_closed_form():
+  """Min-SNR-gamma: the epsilon MSE is scaled by min(SNR, gamma) / SNR, SNR = abar / (1 - abar); VB untouched."""
+  x0 = jax.random.uniform(jax.random.key(5), (4, 2, 2, 1), minval=-1, maxval=1)
+  noise = jax.random.normal(jax.random.key(6), x0.shape)
+  t = jnp.array([0, 30, 300, 999], jnp.int32)
+  learned = lambda x, tt: jnp.concatenate([0.7 * x, 0.1 * jnp.ones_like(x)], -1)
+  plain = create_diffusion("").training_losses(learned, x0, t, noise)
+  gamma = 5.0
+  weighted = create_diffusion("", min_snr_gamma=gamma).training_losses(learned, x0, t, noise)
+  abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))[np.asarray(t)]
+  snr = abar / (1.0 - abar)
+  expected = np.minimum(snr, gamma) / snr
+  assert expected[-1] == pytest.approx(1.0) and expected[0] < 1e-3  # high noise kept, low noise capped
+  np.testing.assert_allclose(weighted["mse"], plain["mse"] * expected, rtol=2e-5)
+  np.testing.assert_allclose(weighted["vb"], plain["vb"], rtol=1e-6)
+  np.testing.assert_allclose(weighted["loss"], weighted["mse"] + weighted["vb"], rtol=1e-6)
+  with pytest.raises(ValueError, match="min_snr_gamma"):
+    create_diffusion("", min_snr_gamma=-1.0)
