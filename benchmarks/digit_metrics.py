@@ -151,7 +151,8 @@ class DigitClassifier:
           continue
         layer, name = key.split("/")
         params.setdefault(layer, {})[name] = jnp.asarray(data[key])
-    return cls(params, float(data["train_seconds"]) if "train_seconds" in data.files else 0.0)
+      train_seconds = float(data["train_seconds"]) if "train_seconds" in data.files else 0.0
+    return cls(params, train_seconds)
 
 
 _jit_forward = jax.jit(_forward)

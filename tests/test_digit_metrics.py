@@ -58,3 +58,16 @@ def test_non_commuting_covariances_match_scipy_free_reference():
 def test_mismatched_shapes_raise():
   with pytest.raises(ValueError, match="Mismatched"):
     digit_metrics.frechet_distance_from_stats(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_classifier_save_load_round_trip(tmp_path):
+  """A cached classifier loads back with the same parameters and train time (a closed-file bug once broke it)."""
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": rng.standard_normal((3, 2)).astype(np.float32),
+                      "bias": rng.standard_normal(2).astype(np.float32)}}
+  path = str(tmp_path / "clf.npz")
+  digit_metrics.DigitClassifier(params, train_seconds=12.5).save(path)
+  loaded = digit_metrics.DigitClassifier.load(path)
+  assert loaded.train_seconds == 12.5
+  for name, value in params["dense"].items():
+    np.testing.assert_array_equal(np.asarray(loaded.params["dense"][name]), value)
