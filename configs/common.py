@@ -68,6 +68,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.model_name = ""
   config.model = ml_collections.ConfigDict()
+  # A new run (empty workdir) starts from these weights: a folder written by `python -m dig_jax.convert
+  # import` (official DiG/DiT checkpoints). Unset: random init. Resuming a workdir ignores it.
+  config.init_from = config_dict.placeholder(str)
 
   config.diffusion = ml_collections.ConfigDict(dict(
       num_timesteps=1000,       # T of the training process.

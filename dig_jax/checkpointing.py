@@ -151,3 +151,52 @@ def reached_preemption(manager: ocp.CheckpointManager, step: int) -> bool:
     return bool(manager.reached_preemption(step))
   except Exception:  # pylint: disable=broad-exception-caught  (no distributed runtime: nothing to sync)
     return False
+
+
+# Model-config fields that fix the parameter shapes and the function the parameters compute; a converted
+# checkpoint must agree on all of them with the run that starts from it (implementation choices such as
+# gla_impl, attention_impl, dtype or remat may differ).
+ARCHITECTURE_FIELDS = ("arch", "depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels",
+                       "num_classes", "learn_sigma", "mlp_ratio", "scan_schedule", "dwconv", "norm")
+
+
+def restore_initial_params(init_from: str | os.PathLike[str], model_config: Any, abstract_params: Any,
+                           abstract_model_state: Any) -> tuple[Any, Any]:
+  """(params, model_state) of a folder written by ``python -m dig_jax.convert import`` (``config.init_from``).
+
+  The folder holds ``model_config.json`` and ``params/`` (an orbax StandardCheckpointer tree of the train
+  state's layout). The architecture fields of its model config must match the run's; the arrays are restored
+  straight into the shardings of ``abstract_params`` / ``abstract_model_state`` (shape-dtype structs).
+
+  Raises:
+    FileNotFoundError: the folder or its files are missing.
+    ValueError: the architectures differ (the message lists the fields and the overrides that would match).
+    RuntimeError: the parameter files do not load (corrupt or truncated).
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  from dig_jax.models import resolve_model_config  # pylint: disable=g-import-not-at-top
+
+  folder = os.path.abspath(os.fspath(init_from))
+  config_path, params_path = os.path.join(folder, "model_config.json"), os.path.join(folder, "params")
+  if not (os.path.isfile(config_path) and os.path.isdir(params_path)):
+    raise FileNotFoundError(
+        f"config.init_from={folder} must be a folder written by `python -m dig_jax.convert import "
+        f"--checkpoint=<official .pt> --model=<name> --out=<folder>` (model_config.json + params/); not found")
+  with open(config_path, encoding="utf-8") as f:
+    theirs = resolve_model_config(json.load(f))
+  ours = resolve_model_config(model_config)
+  differing = [name for name in ARCHITECTURE_FIELDS if theirs[name] != ours[name]]
+  if differing:
+    wanted = " ".join(f"--config.model.{name}={theirs[name]}" for name in differing)
+    raise ValueError(
+        f"config.init_from={folder} holds a different model: "
+        + ", ".join(f"{name} {theirs[name]!r} (run: {ours[name]!r})" for name in differing)
+        + f". Match it with: {wanted}")
+  target = {"params": abstract_params, "model_state": abstract_model_state}
+  try:
+    restored = ocp.StandardCheckpointer().restore(params_path, target)
+  except Exception as e:  # orbax raises many types for unreadable data
+    raise RuntimeError(f"could not load the parameters in {params_path} ({type(e).__name__}: "
+                       f"{str(e)[:300]}); re-run `python -m dig_jax.convert import`") from e
+  logging.info("Initialised the parameters from %s.", folder)
+  return restored["params"], restored["model_state"]

@@ -14,7 +14,8 @@ Shape of the program (big_vision's one readable loop, maxtext's functional NNX s
    EMA of the parameters (initialised from the model, updated every step). It is jitted once with in/out
    shardings and ``donate_argnums=(0,)``, lowered and compiled before the loop (``memory_analysis()`` logged).
 4. Orbax checkpoints of state + input-iterator state (dig_jax/checkpointing.py), resumed automatically from
-   the workdir; metrics every ``log_every_steps`` (a non-finite loss raises FloatingPointError); an EMA sample
+   the workdir; a new run can start from converted official weights (``config.init_from``, a folder written by
+   ``python -m dig_jax.convert import``: fresh optimizer, EMA = those weights); metrics every ``log_every_steps`` (a non-finite loss raises FloatingPointError); an EMA sample
    grid every ``sample_every_steps`` and at the end in ``workdir/samples/step_XXXXXXX.png``.
 
 Deviations from the official PyTorch loop: the EMA update runs inside the jitted step on the new parameters
@@ -89,12 +90,15 @@ def _init_state(rng: jax.Array, *, model_config: ml_collections.ConfigDict,
                 tx: optax.GradientTransformation) -> TrainState:
   model = models.create_model(model_config, rngs=nnx.Rngs(rng))
   _, params, model_state = nnx.split(model, nnx.Param, ...)
-  params = nnx.to_pure_dict(params)
+  return _state_from_params(nnx.to_pure_dict(params), nnx.to_pure_dict(model_state), tx=tx)
+
+
+def _state_from_params(params: Any, model_state: Any, *, tx: optax.GradientTransformation) -> TrainState:
+  """Step 0 state around given parameters (a fresh init, or ``config.init_from``): new optimizer, EMA = params."""
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
            # EMA starts as a copy of the model (DiT: update_ema(ema, model, decay=0)); `+ 0` gives it its own
            # buffers, so donating the state never donates one buffer twice.
            "ema_params": jax.tree.map(lambda p: p + jnp.zeros((), p.dtype), params)}
-  model_state = nnx.to_pure_dict(model_state)
   if jax.tree.leaves(model_state):
     state["model_state"] = model_state
   return state
@@ -243,7 +247,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         workdir, every_steps=int(config.checkpoint_every_steps), keep=int(config.keep_checkpoints),
         keep_every=int(config.keep_every_steps), asynchronous=bool(config.async_checkpointing))
     state, start_step = checkpointing.restore_latest(manager, abstract_state, train_iter)
-    if state is None:
+    if state is None and config.get("init_from"):
+      params, model_state = checkpointing.restore_initial_params(
+          config.init_from, config.model, abstract_state["params"], abstract_state.get("model_state", {}))
+      state = jax.jit(functools.partial(_state_from_params, tx=tx), out_shardings=state_shardings)(
+          params, model_state)
+    elif state is None:
       init = functools.partial(_init_state, model_config=config.model, tx=tx)
       state = jax.jit(init, out_shardings=state_shardings)(init_rng)
       logging.info("Initialised a new train state.")

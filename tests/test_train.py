@@ -220,3 +220,43 @@ def test_norms_are_computed_on_logged_steps_only():
     state, metrics = step_fn(state, batch, jax.random.key(1))
     logged.append(float(metrics["grad_norm"]) > 0 and float(metrics["param_norm"]) > 0)
   assert logged == [False, True, False, True, True]  # Steps 2 and 4 (every 2) and 5 (the last).
+
+
+@pytest.fixture(scope="module")
+def converted_folder(tmp_path_factory):
+  """An official-format checkpoint of the tiny model, imported with the converter's CLI (what users run)."""
+  from dig_jax import convert  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("converted")
+  model = models.create_model(tiny_config(1).model, rngs=nnx.Rngs(7))
+  source = root / "official.safetensors"
+  convert.save_torch_state_dict(convert.export_official(model), source)
+  out = root / "imported"
+  convert.main(["import", f"--checkpoint={source}", "--model=DiG-S/2", f"--out={out}",
+                '--overrides={"depth": 1, "hidden_size": 32, "num_heads": 2}'])
+  return str(out), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_init_from_a_converted_checkpoint_starts_from_its_weights(converted_folder, tmp_path):
+  folder, expected = converted_folder
+  config = tiny_config(1).unlock()
+  config.init_from = folder
+  config.ema_decay = 1.0  # the EMA then keeps the initial weights exactly
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  state = read_state(str(tmp_path / "run"), 1)
+  assert int(state["step"]) == 1
+  assert_trees_equal(state["ema_params"], expected)
+  changed = [k for k, v in flat(state["params"]).items() if not np.array_equal(v, flat(expected)[k])]
+  assert changed  # and training moved on from them
+
+
+def test_init_from_a_different_architecture_or_missing_folder_is_one_clear_error(converted_folder, tmp_path):
+  folder, _ = converted_folder
+  config = tiny_config(1).unlock()
+  config.init_from = folder
+  config.model.depth = 2
+  with pytest.raises(ValueError, match=r"--config\.model\.depth=1"):
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+  config.model.depth = 1
+  config.init_from = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="convert import"):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
