@@ -116,7 +116,8 @@ def _sample(params: Any, model_state: Any, labels: jax.Array, rng: jax.Array, *,
   elif sampler == "ddim":
     x = diffusion.ddim_sample_loop(model_fn, z.shape, loop_key, eta=eta, clip_denoised=clip_denoised, noise=z)
   else:
-    x = diffusion.dpm_solver_pp_sample_loop(model_fn, z.shape, loop_key, num_steps=num_steps, noise=z)
+    x = diffusion.dpm_solver_pp_sample_loop(model_fn, z.shape, loop_key, num_steps=num_steps, noise=z,
+                                            clip_denoised=clip_denoised)
   return x[:n]
 
 
@@ -242,7 +243,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("num_steps", 250, "Sampling steps (respacing for ddpm/ddim, solver steps for dpm).")
   flags.DEFINE_enum("sampler", "ddpm", list(SAMPLERS), "Sampler.")
   flags.DEFINE_float("eta", 0.0, "DDIM eta.")
-  flags.DEFINE_bool("clip_denoised", False, "Clip predicted x0 to [-1, 1] (ddpm/ddim; DiT: off).")
+  flags.DEFINE_bool("clip_denoised", False, "Clip predicted x0 to [-1, 1] (every sampler; DiT: off).")
   flags.DEFINE_integer("seed", 0, "Seed for noise and (without --labels) the random labels.")
   flags.DEFINE_string("labels", "", "Comma-separated class labels, repeated to --num_samples "
                       "(default: uniform random).")

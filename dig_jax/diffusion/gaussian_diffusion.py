@@ -356,9 +356,11 @@ class GaussianDiffusion:
                                      noise=noise)
 
   def dpm_solver_pp_sample_loop(self, model_fn: ModelFn, shape: Sequence[int], rng: jax.Array, *,
-                                num_steps: int = 20, noise: jax.Array | None = None) -> jax.Array:
+                                num_steps: int = 20, noise: jax.Array | None = None,
+                                clip_denoised: bool = False) -> jax.Array:
     """DPM-Solver++(2M) on the ORIGINAL schedule; returns x_0. See `samplers.dpm_solver_pp_sample_loop`."""
-    return samplers.dpm_solver_pp_sample_loop(self, model_fn, shape, rng, num_steps=num_steps, noise=noise)
+    return samplers.dpm_solver_pp_sample_loop(self, model_fn, shape, rng, num_steps=num_steps, noise=noise,
+                                              clip_denoised=clip_denoised)
 
 
 def create_diffusion(timestep_respacing: str | int | None = "", *, num_timesteps: int = 1000,

@@ -117,7 +117,7 @@ def dpm_solver_coefficients(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -
 
 def dpm_solver_pp_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, shape: Sequence[int],
                               rng: jax.Array, *, num_steps: int = 20,
-                              noise: jax.Array | None = None) -> jax.Array:
+                              noise: jax.Array | None = None, clip_denoised: bool = False) -> jax.Array:
   """DPM-Solver++(2M) sampling with `num_steps` model evaluations; returns x_0.
 
   Args:
@@ -127,6 +127,8 @@ def dpm_solver_pp_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, s
     rng: key for x_T (unused when `noise` is given; the solver itself is deterministic).
     num_steps: number of solver steps (= model evaluations), 10-25 is typical.
     noise: optional x_T.
+    clip_denoised: clip each data prediction x0 to [-1, 1] (static thresholding, for pixel-space models, as
+      DDIM/DDPM's `clip_denoised`); off by default, as in DiT's sampling.
   """
   x = _initial_noise(shape, rng, noise)
   timesteps = dpm_solver_timesteps(diffusion.original_num_timesteps, num_steps)
@@ -144,6 +146,8 @@ def dpm_solver_pp_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, s
       raise ValueError(f"model_fn returned shape {output.shape} for x of shape {x.shape} (NHWC; C or 2C).")
     eps = output[..., :channels]
     x0 = (x - step["sigma"] * eps) / step["alpha"]
+    if clip_denoised:
+      x0 = jnp.clip(x0, -1.0, 1.0)
     direction = x0 + step["second_order"] * (x0 - previous_x0)
     x = step["x_coef"] * x + step["x0_coef"] * direction
     return (x, x0), None

@@ -129,3 +129,17 @@ def test_dpm_solver_gaussian_toy_matches_reference(num_steps, expected):
 def test_noise_shape_mismatch_raises(diffusion50):
   with pytest.raises(ValueError, match="shape"):
     diffusion50.ddim_sample_loop(_shrink_model, SHAPE, jax.random.key(0), noise=jnp.zeros((1, 4, 4, 3)))
+
+
+def test_dpm_solver_clipping_keeps_exact_results_and_bounds_out_of_range_predictions():
+  """clip_denoised: no effect while every x0 stays in [-1, 1]; a model whose x0 leaves the range (epsilon = 0,
+  so x0 = x_t / alpha) gives samples far outside it unclipped and inside it clipped."""
+  cosine = create_diffusion("", noise_schedule="squaredcos_cap_v2", learn_sigma=False)
+  oracle = _delta_oracle(cosine, X_STAR, learn_sigma=False)
+  run = lambda model, clip: cosine.dpm_solver_pp_sample_loop(model, SHAPE, jax.random.key(3), num_steps=10,
+                                                             clip_denoised=clip)
+  np.testing.assert_allclose(run(oracle, True), run(oracle, False), atol=1e-6)
+  np.testing.assert_allclose(run(oracle, True), X_STAR, atol=1e-4)
+  zero_eps = lambda x, t: jnp.zeros_like(x)
+  assert np.abs(np.asarray(run(zero_eps, False))).max() > 10.0
+  assert np.abs(np.asarray(run(zero_eps, True))).max() <= 1.0 + 1e-6
