@@ -123,7 +123,12 @@ def train(workdir: str, overrides: Sequence[str]) -> dict[str, object]:
       if "train/steps_per_sec" in record:
         steps_per_sec.append(record["train/steps_per_sec"])
         losses.append((record["step"], record.get("train/loss")))
-  return {"command": " ".join(["python", *command[1:]]), "train_wall_s": wall, **load.summary(),
+  # Recorded as a user would type it: the workdir relative to the repository when it lies inside it, so the
+  # committed JSON names no path of the machine it ran on.
+  relative = os.path.relpath(workdir, _REPO)
+  shown_workdir = workdir if relative.startswith("..") else relative
+  shown = [f"--workdir={shown_workdir}" if arg.startswith("--workdir=") else arg for arg in command[1:]]
+  return {"command": " ".join(["python", *shown]), "train_wall_s": wall, **load.summary(),
           # The first interval includes compilation; the rest is the steady state.
           "steps_per_sec_steady_median": sorted(steps_per_sec[1:] or steps_per_sec)[
               len(steps_per_sec[1:] or steps_per_sec) // 2] if steps_per_sec else None,
