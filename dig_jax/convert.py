@@ -9,6 +9,8 @@ API:
   save_torch_state_dict(state_dict, path)                    .safetensors always, .pt/.pth/.bin with torch
   infer_config_overrides(state_dict, patch_size)             the model-config fields a checkpoint fixes:
                                                              input_size, in_channels, num_classes, ...
+  load_imported(folder, model_config, abstract_params, abstract_model_state)
+                                                             an `import` output for a run (config.init_from)
 
 CLI:
   python -m dig_jax.convert import --checkpoint=PATH --model=DiG-XL/2 --out=DIR [--which=ema|model]
@@ -71,6 +73,14 @@ from dig_jax.models.embeddings import sincos_2d_table
 from dig_jax.torch_files import CheckpointFormatError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# What `import` writes into its output folder.
+IMPORTED_CONFIG_FILE = "model_config.json"
+IMPORTED_PARAMS_DIR = "params"
+# Model-config fields that fix the parameter shapes and the function the parameters compute: a run that starts
+# from an imported folder must agree on all of them (implementation choices such as gla_impl, attention_impl,
+# dtype or remat may differ).
+ARCHITECTURE_FIELDS = ("arch", "depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels",
+                       "num_classes", "learn_sigma", "mlp_ratio", "scan_schedule", "dwconv", "norm")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -500,23 +510,65 @@ def _cmd_import(args: argparse.Namespace) -> None:
   os.makedirs(out, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   tree = {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(rest)}
-  checkpointer.save(os.path.join(out, "params"), tree, force=True)
+  checkpointer.save(os.path.join(out, IMPORTED_PARAMS_DIR), tree, force=True)
   checkpointer.wait_until_finished()
-  with open(os.path.join(out, "model_config.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(out, IMPORTED_CONFIG_FILE), "w", encoding="utf-8") as f:
     f.write(cfg.to_json(indent=2, sort_keys=True))
-  print(f"imported {len(sd)} tensors into {_describe(cfg)}; wrote {out}/params and {out}/model_config.json")
+  print(f"imported {len(sd)} tensors into {_describe(cfg)}; wrote {out}/{IMPORTED_PARAMS_DIR} and "
+        f"{out}/{IMPORTED_CONFIG_FILE}")
+
+
+def _read_imported_config(folder: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(folder, IMPORTED_CONFIG_FILE), encoding="utf-8") as f:
+    return resolve_model_config(json.load(f))
+
+
+def load_imported(folder: str | os.PathLike[str], model_config: Any, abstract_params: Any,
+                  abstract_model_state: Any) -> tuple[Any, Any]:
+  """(params, model_state) of a folder written by `import` for a run with `model_config` (config.init_from).
+
+  The architecture fields of the folder's model config must match the run's; the arrays are restored straight
+  into the shardings of ``abstract_params`` / ``abstract_model_state`` (shape-dtype structs).
+
+  Raises:
+    FileNotFoundError: the folder or its files are missing.
+    ValueError: the architectures differ (the message lists the fields and the overrides that would match).
+    RuntimeError: the parameter files do not load (corrupt or truncated).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  folder = os.path.abspath(os.fspath(folder))
+  params_path = os.path.join(folder, IMPORTED_PARAMS_DIR)
+  if not (os.path.isfile(os.path.join(folder, IMPORTED_CONFIG_FILE)) and os.path.isdir(params_path)):
+    raise FileNotFoundError(
+        f"config.init_from={folder} must be a folder written by `python -m dig_jax.convert import "
+        f"--checkpoint=<official .pt> --model=<name> --out=<folder>` ({IMPORTED_CONFIG_FILE} + "
+        f"{IMPORTED_PARAMS_DIR}/); not found")
+  theirs, ours = _read_imported_config(folder), resolve_model_config(model_config)
+  differing = [name for name in ARCHITECTURE_FIELDS if theirs[name] != ours[name]]
+  if differing:
+    wanted = " ".join(f"--config.model.{name}={theirs[name]}" for name in differing)
+    raise ValueError(
+        f"config.init_from={folder} holds a different model: "
+        + ", ".join(f"{name} {theirs[name]!r} (run: {ours[name]!r})" for name in differing)
+        + f". Match it with: {wanted}")
+  target = {"params": abstract_params, "model_state": abstract_model_state}
+  try:
+    restored = ocp.StandardCheckpointer().restore(params_path, target)
+  except Exception as e:  # orbax raises many types for unreadable data
+    raise RuntimeError(f"could not load the parameters in {params_path} ({type(e).__name__}: "
+                       f"{str(e)[:300]}); re-run `python -m dig_jax.convert import`") from e
+  return restored["params"], restored["model_state"]
 
 
 def _load_workdir(workdir: str, step: int | None) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   """(model config, {**params, **model_state}) from a training workdir or an `import` output folder."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(workdir)
-  if os.path.exists(os.path.join(workdir, "model_config.json")):
-    with open(os.path.join(workdir, "model_config.json"), encoding="utf-8") as f:
-      cfg = resolve_model_config(json.load(f))
+  if os.path.exists(os.path.join(workdir, IMPORTED_CONFIG_FILE)):
+    cfg = _read_imported_config(workdir)
     params, rest = nnx.split_state(abstract_state(cfg), nnx.Param, ...)
     target = {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(rest)}
-    restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "params"), target)
+    restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, IMPORTED_PARAMS_DIR), target)
     return cfg, {**restored["params"], **restored["model_state"]}
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise FileNotFoundError(

@@ -14,9 +14,10 @@ Shape of the program (big_vision's one readable loop, maxtext's functional NNX s
    EMA of the parameters (initialised from the model, updated every step). It is jitted once with in/out
    shardings and ``donate_argnums=(0,)``, lowered and compiled before the loop (``memory_analysis()`` logged).
 4. Orbax checkpoints of state + input-iterator state (dig_jax/checkpointing.py), resumed automatically from
-   the workdir; a new run can start from converted official weights (``config.init_from``, a folder written by
-   ``python -m dig_jax.convert import``: fresh optimizer, EMA = those weights); metrics every ``log_every_steps`` (a non-finite loss raises FloatingPointError); an EMA sample
-   grid every ``sample_every_steps`` and at the end in ``workdir/samples/step_XXXXXXX.png``.
+   the workdir; a new run can start from converted official weights (``config.init_from``, a folder written
+   by ``python -m dig_jax.convert import``: fresh optimizer, EMA = those weights); metrics every
+   ``log_every_steps`` (a non-finite loss raises FloatingPointError); an EMA sample grid every
+   ``sample_every_steps`` and at the end in ``workdir/samples/step_XXXXXXX.png``.
 
 Deviations from the official PyTorch loop: the EMA update runs inside the jitted step on the new parameters
 (DiT: right after ``opt.step()``, the same thing); model outputs are cast to float32 before the loss so bf16
@@ -38,7 +39,8 @@ import optax
 from absl import logging
 from flax import nnx
 
-from dig_jax import checkpointing, diffusion as diffusion_lib, input_pipeline, metric_writers, models, optim
+from dig_jax import checkpointing, convert, diffusion as diffusion_lib, input_pipeline, metric_writers, models
+from dig_jax import optim
 from dig_jax import sample as sample_lib
 from dig_jax import sharding
 
@@ -94,7 +96,7 @@ def _init_state(rng: jax.Array, *, model_config: ml_collections.ConfigDict,
 
 
 def _state_from_params(params: Any, model_state: Any, *, tx: optax.GradientTransformation) -> TrainState:
-  """Step 0 state around given parameters (a fresh init, or ``config.init_from``): new optimizer, EMA = params."""
+  """Step 0 state around given parameters (fresh or ``config.init_from``): new optimizer, EMA = params."""
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
            # EMA starts as a copy of the model (DiT: update_ema(ema, model, decay=0)); `+ 0` gives it its own
            # buffers, so donating the state never donates one buffer twice.
@@ -248,10 +250,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         keep_every=int(config.keep_every_steps), asynchronous=bool(config.async_checkpointing))
     state, start_step = checkpointing.restore_latest(manager, abstract_state, train_iter)
     if state is None and config.get("init_from"):
-      params, model_state = checkpointing.restore_initial_params(
+      params, model_state = convert.load_imported(
           config.init_from, config.model, abstract_state["params"], abstract_state.get("model_state", {}))
       state = jax.jit(functools.partial(_state_from_params, tx=tx), out_shardings=state_shardings)(
           params, model_state)
+      logging.info("Initialised the parameters from %s.", config.init_from)
     elif state is None:
       init = functools.partial(_init_state, model_config=config.model, tx=tx)
       state = jax.jit(init, out_shardings=state_shardings)(init_rng)
