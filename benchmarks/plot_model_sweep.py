@@ -18,7 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-RUN_PREFERENCE = ("final", "h100-b", "h100-a", "quick", "variants")  # a merged JSON's runs, best first (see its "notes")
+# A merged JSON's runs, best first (see its "notes").
+RUN_PREFERENCE = ("final", "h100-b", "h100-a", "quick", "variants")
 STYLE = {"DiG-S/2": ("tab:red", "o"), "DiT-S/2-xla": ("tab:blue", "s"), "DiT-S/2-cudnn": ("tab:green", "^")}
 
 

@@ -61,7 +61,7 @@ def test_mismatched_shapes_raise():
 
 
 def test_classifier_save_load_round_trip(tmp_path):
-  """A cached classifier loads back with the same parameters and train time (a closed-file bug once broke it)."""
+  """A cached classifier loads back with its parameters and train time (a closed-file bug once broke it)."""
   rng = np.random.default_rng(0)
   params = {"dense": {"kernel": rng.standard_normal((3, 2)).astype(np.float32),
                       "bias": rng.standard_normal(2).astype(np.float32)}}

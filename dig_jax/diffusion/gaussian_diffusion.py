@@ -151,21 +151,15 @@ class GaussianDiffusion:
       return self._tables32[name]
     raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
-  def mse_weight(self, t: jax.Array) -> jax.Array:
-    """Per-example weight of the epsilon MSE: 1, or Min-SNR-gamma's min(SNR_t, gamma) / SNR_t.
-
-    Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556) caps the weight of the low-noise steps, whose epsilon
-    targets are easy but dominate the gradient; it converges several times faster. SNR_t = abar_t /
-    (1 - abar_t); for epsilon prediction the x0-space weight min(SNR, gamma) becomes min(SNR, gamma) / SNR.
-    Off (gamma = 0) in the paper's recipe.
-    """
-    if not self.min_snr_gamma:
-      return jnp.ones(t.shape, jnp.float32)
-    return self._min_snr_weights32[t]
-
   @functools.cached_property
   def _min_snr_weights32(self) -> jax.Array:
-    # float64 here: 1 - abar in float32 loses most digits at t = 0 (abar = 0.9999).
+    """Min-SNR-gamma weight of the epsilon MSE per step: min(SNR, gamma) / SNR with SNR = abar / (1 - abar).
+
+    Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556) caps the weight of the low-noise steps, whose epsilon
+    targets are easy but dominate the gradient; it converges several times faster. For epsilon prediction the
+    x0-space weight min(SNR, gamma) becomes min(SNR, gamma) / SNR. Off (gamma = 0) in the paper's recipe.
+    Computed in float64: 1 - abar in float32 loses most digits at t = 0 (abar = 0.9999).
+    """
     abar = self.tables64["alphas_cumprod"]
     snr = abar / (1.0 - abar)
     with jax.ensure_compile_time_eval():
@@ -310,7 +304,9 @@ class GaussianDiffusion:
       return {"loss": vb * scale, "mse": zeros, "vb": vb}
     output = self.call_model(model_fn, x_t, t)
     eps, var_values = self.split_output(output)
-    mse = losses.mean_flat(jnp.square(noise - eps)) * self.mse_weight(t).astype(x_start.dtype)
+    mse = losses.mean_flat(jnp.square(noise - eps))
+    if self.min_snr_gamma:
+      mse = mse * self._min_snr_weights32[t].astype(mse.dtype)
     if not self.learn_sigma:
       return {"loss": mse, "mse": mse, "vb": zeros}
     # VB trains only the variance: the epsilon half enters it stop-gradiented.
@@ -378,7 +374,7 @@ def create_diffusion(timestep_respacing: str | int | None = "", *, num_timesteps
     sigma_small: with fixed sigma, use the posterior variance (FIXED_SMALL) instead of betas (FIXED_LARGE).
     use_kl: train on the VB alone, times T (RESCALED_KL).
     rescale_learned_sigmas: multiply the VB term by T/1000 (RESCALED_MSE).
-    min_snr_gamma: > 0 weights the epsilon MSE by Min-SNR-gamma (`GaussianDiffusion.mse_weight`); 0 = off.
+    min_snr_gamma: > 0 weights the epsilon MSE by Min-SNR-gamma (see `_min_snr_weights32`); 0 = off.
   """
   betas = schedule.get_named_beta_schedule(noise_schedule, num_timesteps)
   if use_kl:

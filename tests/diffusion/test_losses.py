@@ -166,7 +166,7 @@ def test_loss_variants():
 
 
 def test_min_snr_weighting_matches_closed_form():
-  """Min-SNR-gamma: the epsilon MSE is scaled by min(SNR, gamma) / SNR, SNR = abar / (1 - abar); VB untouched."""
+  """Min-SNR-gamma: the epsilon MSE is scaled by min(SNR, gamma) / SNR, SNR = abar / (1 - abar); VB as is."""
   x0 = jax.random.uniform(jax.random.key(5), (4, 2, 2, 1), minval=-1, maxval=1)
   noise = jax.random.normal(jax.random.key(6), x0.shape)
   t = jnp.array([0, 30, 300, 999], jnp.int32)
