@@ -37,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ARCHS,
     "size": tuple(SIZES),
     "gla_impl": tuple(impl.value for impl in GlaImpl),
+    "gla_gate_dtype": ("float32", "compute"),
     "attention_impl": ("xla", "cudnn", "auto"),
     "scan_schedule": ("crisscross", "flip", "causal"),
     "dwconv": ("identity", "random", "off"),
@@ -63,6 +64,8 @@ def default_fields() -> dict[str, Any]:
       mlp_ratio=4.0,
       gla_impl="auto",
       gla_chunk_size=64,
+      gla_fused_proj=False,
+      gla_gate_dtype="float32",
       attention_impl="auto",
       scan_schedule="crisscross",
       dwconv="identity",
@@ -153,6 +156,8 @@ def resolve_model_config(config: ml_collections.ConfigDict | Mapping[str, Any]) 
   out_channels = fields["in_channels"] * (2 if fields["learn_sigma"] else 1)
   if not 0 <= fields["cfg_channels"] <= out_channels:
     raise ValueError(f"cfg_channels must be in [0, {out_channels}]; got {fields['cfg_channels']}")
+  if not isinstance(fields["gla_fused_proj"], bool):
+    raise ValueError(f"gla_fused_proj must be True or False; got {fields['gla_fused_proj']!r}")
   if fields["mlp_ratio"] <= 0:
     raise ValueError(f"mlp_ratio must be > 0; got {fields['mlp_ratio']}")
   return ml_collections.ConfigDict(fields)

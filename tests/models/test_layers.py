@@ -49,9 +49,11 @@ def gla_layer_reference(layer, x):
   return o.reshape(n, t, h * dv) @ np_value(layer.o_proj.kernel)
 
 
-@pytest.mark.parametrize("impl,chunk", [("chunked", 4), ("recurrent", None)])
-def test_gla_layer_matches_reference(impl, chunk):
-  layer = GatedLinearAttention(64, 2, rngs=nnx.Rngs(0), dtype=jnp.float32, impl=impl, chunk_size=chunk)
+@pytest.mark.parametrize("impl,chunk,fused_proj", [("chunked", 4, True), ("chunked", 4, False),
+                                                   ("recurrent", None, True)])
+def test_gla_layer_matches_reference(impl, chunk, fused_proj):
+  layer = GatedLinearAttention(64, 2, rngs=nnx.Rngs(0), dtype=jnp.float32, impl=impl, chunk_size=chunk,
+                               fused_proj=fused_proj)
   assert (layer.head_k_dim, layer.head_v_dim) == (16, 32)
   # A spread of forget gates (the zero-init bias would give all decays ~0.958).
   layer.gk_proj_up.bias.set_value(2.0 * jax.random.normal(jax.random.key(1), (32,)))
@@ -60,6 +62,26 @@ def test_gla_layer_matches_reference(impl, chunk):
   got = nnx.jit(lambda m, x: m(x))(layer, jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(np.asarray(got), gla_layer_reference(layer, x.astype(np.float64)),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_gla_fused_projection_equals_separate_ones_in_bfloat16_and_gate_dtype_switch():
+  """One concatenated GEMM gives the four projections exactly as four GEMMs would (same bf16 dot products)."""
+  x = jax.random.normal(jax.random.key(4), (2, 12, 96), jnp.float32)
+  layers = {fused: GatedLinearAttention(96, 3, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, fused_proj=fused)
+            for fused in (True, False)}
+  fused, separate = (nnx.jit(lambda m, x: m.project_qkvg(x))(layers[f], x) for f in (True, False))
+  assert [a.shape for a in fused] == [(2, 12, 3, 16), (2, 12, 3, 16), (2, 12, 3, 32), (2, 12, 3, 32)]
+  for a, b in zip(fused, separate):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)
+  # gate_dtype="compute": the low-rank gate projections run in bf16; the log gate stays float32 and close.
+  gate_bf16 = GatedLinearAttention(96, 3, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, gate_dtype="compute")
+  assert gate_bf16.gk_proj_down.dtype == jnp.bfloat16 and layers[True].gk_proj_down.dtype == jnp.float32
+  lg32, lg16 = (m.log_forget_gate(x) for m in (layers[True], gate_bf16))
+  assert lg16.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(lg16), np.asarray(lg32), rtol=0.05, atol=2e-3)
+  with pytest.raises(ValueError, match="gate_dtype"):
+    GatedLinearAttention(96, 3, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, gate_dtype="half")
 
 
 def test_gla_layer_shapes_and_init():
