@@ -26,6 +26,7 @@ compute keeps an fp32 loss; metrics are pulled to the host only on log/checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -231,8 +232,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_iter = input_pipeline.create_train_iterator(config.input, seed=int(config.seed))
   _check_config(config, train_iter.info)
   _write_config(config, workdir)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
-                                                asynchronous=True)
   num_steps, log_every = int(config.num_train_steps), int(config.log_every_steps)
   tx, lr_schedule = optim.create_optimizer(config.optim, num_steps)
   init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(int(config.seed)), 3)
@@ -243,7 +242,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32,
                                     sharding=sharding.batch_sharding(mesh, rules, 1))}
 
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
+                                                asynchronous=True)
+  # The writer is flushed and closed however the run ends (an error below must not leave its background
+  # queue to be torn down at interpreter exit, nor drop the metrics already written).
+  with contextlib.closing(writer), jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     graphdef, abstract_state, state_shardings = _build(config, mesh, rules, tx, init_rng)
     manager = checkpointing.create_manager(
         workdir, every_steps=int(config.checkpoint_every_steps), keep=int(config.keep_checkpoints),
@@ -313,7 +316,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       checkpointing.save(manager, num_steps, state, train_iter, force=True)
       write_samples(num_steps)
 
-  checkpointing.wait_and_close(manager)
-  writer.flush()
-  writer.close()
+    checkpointing.wait_and_close(manager)
   return dict(last_metrics, step=float(step))

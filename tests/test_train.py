@@ -249,8 +249,19 @@ def test_init_from_a_converted_checkpoint_starts_from_its_weights(converted_fold
   assert changed  # and training moved on from them
 
 
-def test_init_from_a_different_architecture_or_missing_folder_is_one_clear_error(converted_folder, tmp_path):
+def test_init_from_a_different_architecture_or_missing_folder_is_one_clear_error(converted_folder, tmp_path,
+                                                                                 monkeypatch):
   folder, _ = converted_folder
+  writers = []  # the loop's metric writers: each must be closed although the run fails
+  create = metric_writers.create_default_writer
+
+  def recording_writer(*args, **kwargs):
+    writer = create(*args, **kwargs)
+    close = writer.close
+    writer.close = lambda: (writers.append("closed"), close())[1]
+    writers.append("open")
+    return writer
+  monkeypatch.setattr(metric_writers, "create_default_writer", recording_writer)
   config = tiny_config(1).unlock()
   config.init_from = folder
   config.model.depth = 2
@@ -260,3 +271,4 @@ def test_init_from_a_different_architecture_or_missing_folder_is_one_clear_error
   config.init_from = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="convert import"):
     train.train_and_evaluate(config, str(tmp_path / "b"))
+  assert writers == ["open", "closed", "open", "closed"]
