@@ -11,7 +11,9 @@ device-to-device copy bandwidth (bytes read + written) as the HBM ceiling, then:
   several configs) against the chunked reference in fp32 at HIGHEST precision, DiG-like and extreme
   (-1e-3..-10) gates, and fla's output against the same reference (`..._check.json`);
 - `parts`: each Pallas kernel alone under several tilings (`..._parts.json`); `grad`: gradient-kernel versions
-  end to end; `sweep`: whole-pipeline configs.
+  end to end; `sweep`: whole-pipeline configs; `short`: configs at DiG's short sequences (S/2 at 256 px:
+  B=32, T=256; at 512 px: B=8, T=1024), where the op is latency-bound; `fp32`: fp32 inputs with IEEE vs
+  TF32 dots in the kernels (time, and error against the fp32 reference).
 Timing = median over repeats of back-to-back calls after warm-up, rotating three input sets, synchronised with
 block_until_ready / torch.cuda.synchronize. Run `full` and `check` as separate processes with their own
 timeouts: compile and autotuning times (XLA's and fla's) vary a lot.
@@ -286,8 +288,9 @@ def min_fwd_bytes(b, t, h, dk, dv):
   return b * t * h * (2 * (2 * dk + 2 * dv) + 4 * dk)
 
 
-def bench_shape(b, t, h, dk, dv, impls: dict, fla_fn, bw: float, with_attention: bool) -> dict:
-  sets = [make_inputs(jax.random.key(s), b, t, h, dk, dv, jnp.bfloat16) for s in range(3)]
+def bench_shape(b, t, h, dk, dv, impls: dict, fla_fn, bw: float, with_attention: bool,
+                dtype=jnp.bfloat16) -> dict:
+  sets = [make_inputs(jax.random.key(s), b, t, h, dk, dv, dtype) for s in range(3)]
   row = dict(shape=dict(B=b, T=t, H=h, K=dk, V=dv), ms={})
   floor_s = min_fwd_bytes(b, t, h, dk, dv) / bw
   row["hbm_floor_fwd_ms"] = floor_s * 1e3
@@ -367,15 +370,31 @@ SWEEP = {
     "fused": gpu.KernelConfig(fused=True),
     "fused_bv32": gpu.KernelConfig(fused=True, fwd_block_v=32),
 }
+# (config, chunk) pairs for `--mode short`; None = the tuned default for the shape.
+SHORT_SWEEP = {
+    "tuned_c64": (None, 64),
+    "fused_c64": (gpu.KernelConfig(fused=True), 64),
+    "two_pass_c64": (gpu.KernelConfig(fused=False), 64),
+    "fused_c64_w8": (gpu.KernelConfig(fused=True, warps_fused=8), 64),
+    "fused_c64_bv32": (gpu.KernelConfig(fused=True, fwd_block_v=32), 64),
+    "tuned_c32": (None, 32),
+    "fused_c32": (gpu.KernelConfig(fused=True), 32),
+    "tuned_c16": (None, 16),
+    "grad_w8_c64": (gpu.KernelConfig(fused=True, warps_grad=8, warps_out=8), 64),
+    "grad_w2_c64": (gpu.KernelConfig(fused=True, warps_grad=2, warps_out=2), 64),
+    "state16_c64": (gpu.KernelConfig(fused=True, state_block_k=16, state_block_v=16), 64),
+}
 
 
 def main() -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument("--mode", default="full", choices=["full", "sweep", "check", "parts", "grad"])
+  parser.add_argument("--mode", default="full", choices=["full", "sweep", "check", "parts", "grad", "short", "fp32"])
   default_out = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
   parser.add_argument("--out", default=default_out)
   parser.add_argument("--shapes", default="")
+  parser.add_argument("--configs", default="", help="--mode short: comma-separated SHORT_SWEEP names")
   args = parser.parse_args()
+  shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")] if args.shapes else []
   os.makedirs(args.out, exist_ok=True)
   result = dict(env=env_info(), mode=args.mode)
   log(json.dumps(result["env"], indent=1))
@@ -387,7 +406,8 @@ def main() -> None:
   log(f"copy bandwidth: {bw / 1e12:.3f} TB/s")
   slug = card_slug(result["env"]["device"])
 
-  suffix = {"full": "", "check": "_check", "parts": "_parts", "sweep": "_sweep", "grad": "_grad"}[args.mode]
+  suffix = {"full": "", "check": "_check", "parts": "_parts", "sweep": "_sweep", "grad": "_grad",
+            "short": "_short", "fp32": "_fp32"}[args.mode]
 
   def save():
     with open(os.path.join(args.out, f"gla_kernel_{slug}{suffix}.json"), "w") as fh:
@@ -410,6 +430,28 @@ def main() -> None:
         result["timings"] = rows
         save()
       print_table(rows, bw)
+    elif args.mode == "fp32":  # IEEE vs TF32 dots for fp32 inputs
+      rows = []
+      for b, t, h, dk, dv in shapes or ((32, 256, 6, 32, 64), (8, 4096, 6, 32, 64)):
+        tuned = gpu.tuned_config((b, t, h, dk), (b, t, h, dv))
+        configs = {f"ours_{d}": dataclasses.replace(tuned, fp32_dots=d) for d in ("ieee", "tf32")}
+        row = bench_shape(b, t, h, dk, dv, {n: ours(c) for n, c in configs.items()}, None, bw,
+                          with_attention=False, dtype=jnp.float32)
+        row["errors"] = {n: check_case(b, t, h, dk, dv, "dig", jnp.float32, c, 0) for n, c in configs.items()}
+        log("errors " + json.dumps(row["errors"]))
+        rows.append(row)
+        result["timings"] = rows
+        save()
+      print_table(rows, bw)
+    elif args.mode == "short":
+      rows = []
+      names = args.configs.split(",") if args.configs else list(SHORT_SWEEP)
+      for b, t, h, dk, dv in shapes or ((32, 256, 6, 32, 64), (8, 1024, 6, 32, 64)):
+        impls = {n: ours(*SHORT_SWEEP[n]) for n in names}
+        rows.append(bench_shape(b, t, h, dk, dv, impls, None, bw, with_attention=True))
+        result["timings"] = rows
+        save()
+      print_table(rows, bw)
     elif args.mode == "sweep":
       rows = []
       for b, t, h, dk, dv in ((8, 4096, 6, 32, 64), (8, 12544, 6, 32, 64), (2, 50176, 6, 32, 64)):
@@ -418,12 +460,10 @@ def main() -> None:
         save()
       print_table(rows, bw)
     else:
-      shapes = [(8, t, 6, 32, 64) for t in (256, 1024, 4096, 12544)] + [(2, 50176, 6, 32, 64)]
-      shapes += [(8, t, 6, 64, 64) for t in (1024, 4096, 12544)] + [(2, 50176, 6, 64, 64)]
-      if args.shapes:
-        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+      default_shapes = [(8, t, 6, 32, 64) for t in (256, 1024, 4096, 12544)] + [(2, 50176, 6, 32, 64)]
+      default_shapes += [(8, t, 6, 64, 64) for t in (1024, 4096, 12544)] + [(2, 50176, 6, 64, 64)]
       rows = []
-      for b, t, h, dk, dv in shapes:
+      for b, t, h, dk, dv in shapes or default_shapes:
         impls = {"ours": ours(), "xla_chunked": xla_chunked}
         if t > 12544:  # the XLA reference's backward at 50K tokens is slow and memory-hungry: skipped there
           impls.pop("xla_chunked")

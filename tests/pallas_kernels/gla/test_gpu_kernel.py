@@ -71,7 +71,13 @@ def test_interpret_fp32_two_pass_no_prefetch_one_grad_kernel_chunk32_k16_v32():
 
 def test_is_supported_and_input_errors():
   assert gpu.is_supported((2, 100, 6, 32), (2, 100, 6, 64), jnp.bfloat16)
-  assert gpu.is_supported((2, 100, 6, 128), (2, 100, 6, 128), jnp.float32)
+  assert gpu.is_supported((2, 100, 6, 128), (2, 100, 6, 128), jnp.bfloat16)
+  assert gpu.is_supported((2, 100, 6, 64), (2, 100, 6, 64), jnp.float32)
+  # fp32 128-wide heads did not compile within 240 s on an H100: not offered (auto falls back to XLA).
+  assert not gpu.is_supported((2, 100, 6, 128), (2, 100, 6, 128), jnp.float32)
+  x = jnp.zeros((1, 8, 1, 128), jnp.float32)
+  with pytest.raises(ValueError, match="impl='chunked'"):
+    gpu.gla(x, x, x, x, interpret=True)
   assert not gpu.is_supported((2, 100, 6, 24), (2, 100, 6, 64), jnp.bfloat16)   # not a power of two
   assert not gpu.is_supported((2, 100, 6, 8), (2, 100, 6, 64), jnp.bfloat16)    # below Triton's dot minimum
   assert not gpu.is_supported((2, 100, 6, 32), (2, 100, 6, 256), jnp.bfloat16)  # above the register budget
@@ -91,6 +97,10 @@ def test_default_chunk_and_tuned_tiles():
   long_small_batch = gpu.tuned_config((2, 50176, 6, 32), (2, 50176, 6, 64))
   assert not long_small_batch.fused and long_small_batch.state_block_k == 16
   assert gpu.tuned_config((8, 12544, 6, 32), (8, 12544, 6, 64)).state_block_k == 32
+  # <= 4 chunks: fused forward for few sequences, two-pass for many (DiG-S/2 at 256 px: B=32, H=6).
+  assert gpu.tuned_config((8, 256, 6, 32), (8, 256, 6, 64)).fused
+  assert not gpu.tuned_config((32, 256, 6, 32), (32, 256, 6, 64)).fused
+  assert not gpu.tuned_config((8, 1024, 6, 32), (8, 1024, 6, 64)).fused
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -100,8 +110,9 @@ def test_kernels_lower_to_triton_for_h100(monkeypatch):
   if not hasattr(gpu_info, "_get_gpu_info_impl") or not hasattr(gpu_info, "GpuVersion"):
     pytest.skip("private Pallas-Triton gpu_info API changed")
   monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))
-  configs = [gpu.KernelConfig(), gpu.KernelConfig(fused=True, prefetch=False)]
-  for (dk, dv), dtype, config in zip(((32, 64), (128, 128)), (jnp.bfloat16, jnp.float32), configs):
+  configs = [gpu.KernelConfig(), gpu.KernelConfig(fused=True, prefetch=False), gpu.KernelConfig()]
+  for (dk, dv), dtype, config in zip(((32, 64), (64, 64), (128, 128)),
+                                     (jnp.bfloat16, jnp.float32, jnp.bfloat16), configs):
     args = [jax.ShapeDtypeStruct((2, 200, 3, d), dtype) for d in (dk, dk, dv)]
     args.append(jax.ShapeDtypeStruct((2, 200, 3, dk), jnp.float32))
     loss = lambda *a: gpu.gla(*a, config=config).astype(jnp.float32).sum()
@@ -110,12 +121,44 @@ def test_kernels_lower_to_triton_for_h100(monkeypatch):
     assert lowered.as_text().count("xla.gpu.triton") == (4 if config.fused else 5)
 
 
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_fp32_dots_follow_the_callers_matmul_precision(monkeypatch):
+  """fp32 inputs: IEEE dots by default, TF32 under a reduced-precision `jax.default_matmul_precision`."""
+  assert gpu.fp32_dots_from_context() == "ieee"
+  with jax.default_matmul_precision("tensorfloat32"):
+    assert gpu.fp32_dots_from_context() == "tf32"
+  with jax.default_matmul_precision("highest"):
+    assert gpu.fp32_dots_from_context() == "ieee"
+  x32, x16 = jnp.zeros((1, 8, 1, 16), jnp.float32), jnp.zeros((1, 8, 1, 16), jnp.bfloat16)
+  highest, default = jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT
+  assert gpu._common(x32, gpu.KernelConfig())["prec"] == highest
+  assert gpu._common(x32, gpu.KernelConfig(fp32_dots="tf32"))["prec"] == default
+  assert gpu._common(x16, gpu.KernelConfig(fp32_dots="ieee"))["prec"] == default
+  with pytest.raises(ValueError, match="fp32_dots"):
+    gpu.gla(x32, x32, x32, x32, interpret=True, config=gpu.KernelConfig(fp32_dots="tf16"))
+  # The choice reaches the Triton kernels: the lowered fp32 program differs under the context (bf16: same).
+  gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+  if not hasattr(gpu_info, "_get_gpu_info_impl") or not hasattr(gpu_info, "GpuVersion"):
+    pytest.skip("private Pallas-Triton gpu_info API changed")
+  monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))
+
+  def lowered(dtype, context):
+    shape = (1, 64, 2, 16)
+    args = [jax.ShapeDtypeStruct(shape, dtype)] * 3 + [jax.ShapeDtypeStruct(shape, jnp.float32)]
+    with jax.default_matmul_precision(context):
+      return jax.jit(lambda *a: gpu.gla(*a)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert lowered(jnp.float32, "highest") != lowered(jnp.float32, "tensorfloat32")
+  assert lowered(jnp.bfloat16, "highest") == lowered(jnp.bfloat16, "tensorfloat32")
+
+
 # ------------------------------------------------------------------------------------------------- on a GPU
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("shape", [(2, 1000, 3, 32, 64), (1, 777, 2, 64, 64), (1, 520, 2, 128, 128)])
+@pytest.mark.parametrize("shape,dtype", [
+    ((2, 1000, 3, 32, 64), jnp.bfloat16), ((2, 1000, 3, 32, 64), jnp.float32),
+    ((1, 777, 2, 64, 64), jnp.bfloat16), ((1, 777, 2, 64, 64), jnp.float32),
+    ((1, 520, 2, 128, 128), jnp.bfloat16)])
 def test_gpu_matches_reference(shape, dtype):
   _check(shape, dtype, None, None, interpret=False)
 

@@ -1,0 +1,335 @@
+"""The Pallas (Triton lowering) kernel bodies of the GPU GLA op and their static `KernelConfig`.
+
+`gpu.py` builds the `pallas_call`s, the custom VJP and the public `gla`; this module holds only what runs
+inside a kernel. Math and notation: `shared/reference/gla_kernels.md` §1.5 (F1-F3, B1-B7); G is the
+chunk-local inclusive cumsum of the log gate (fp32), gamma = G at the chunk's last row, h_n the fp32 K x V
+state entering chunk n and D_n = dL/dh_{n+1}.
+
+Kernels (tensors stay in [batch, tokens, heads, dim]; each gets one (batch, head) and a tile):
+- `state_kernel` + `out_kernel`: the two-pass forward. F1 runs sequentially over chunks and stores every h_n
+  (bf16 for bf16 inputs, else fp32; the residual of the backward pass); F2/F3 then run chunk-parallel.
+- `fused_fwd_kernel`: one sequential loop computes o and updates h in registers (few sequences, <= 4 chunks).
+- `dstate_kernel`: B1, a reverse loop over chunks storing every D_n.
+- `dv_kernel` (B3) and `dqk_kernel` (B2, B4-B6); `grad_kernel` does all of B2-B6 in one kernel
+  (`grad_version=1`; ~twice the live registers, measured 2x slower on H100).
+
+The sequential loops prefetch the next chunk's tiles before this chunk's math (`prefetch`): Triton's pipeliner
+does not overlap loads that feed element-wise math, and without it each step waits a full memory latency.
+
+Intra-chunk numerics (the only place where exponents need care): a multi-level version of fla's secondary
+chunking. For each level L = C/2, C/4, ..., 1 the chunk splits into blocks of 2L rows; the pairs (r, c) with r
+in the second half and c in the first half of one block get the reference row m = the last row of the first
+half, so exp(G_r - G_c) = exp(G_r - G_m) * exp(G_m - G_c), both exponents <= 0. Each row is query-side or
+key-side at a level, never both, so a level costs one exp per (row, channel) and one C x C x K matmul; every
+strictly-lower pair belongs to exactly one level, and the diagonal (r = c, decay 1) is an exact fp32 row dot.
+No positive number is ever exponentiated, so any gate <= 0 is safe without a clamp (tested down to -10 per
+step); for bf16 inputs the factors are rounded to bf16 for the tensor cores, as in fla's off-diagonal blocks.
+Deviations from fla: (1) fla computes the 16 x 16 diagonal blocks element-wise in fp32 (16 exps per (token,
+channel)); here the finest levels replace them, log2(C) = 6 exps per (token, channel) at C = 64; (2) h_n is
+saved by the forward pass (bf16 for bf16 inputs, as fla stores it in its forward) instead of being recomputed
+in fp32; (3) the intra-chunk score matrix A is recomputed in the backward pass instead of being stored in
+fp32; (4) mixed input dtypes are promoted (fla requires one dtype).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+Array = jax.Array
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Static kernel settings (hashable: it is a `nondiff_argnums` of the custom VJP)."""
+  chunk_size: int = 64
+  scale: float = 1.0
+  fused: bool = False         # fused sequential forward (else two-pass state + chunk-parallel output)
+  fwd_block_v: int = 64       # V tile of the forward kernels' grid
+  state_block_k: int = 32     # K/V tiles of the two-pass state kernel and of the reverse state kernel
+  state_block_v: int = 32
+  grad_block_v: int = 64      # inner V tile of the gradient kernel
+  grad_version: int = 2       # 1: one gradient kernel; 2: a dv kernel + a dq/dk/dG kernel (less spilling)
+  warps_fused: int = 4
+  warps_state: int = 4
+  warps_out: int = 4
+  warps_grad: int = 4
+  stages: int = 2
+  prefetch: bool = True       # manual prefetch of the next chunk in the sequential kernels
+  fp32_dots: str = "ieee"     # fp32 inputs: "ieee" fp32 dots, or "tf32" tensor-core dots (see `gla`)
+  interpret: bool = False
+
+
+# ------------------------------------------------------------------------------------------ in-kernel helpers
+
+
+def _dot(a: Array, b: Array, contract: tuple[int, int], precision) -> Array:
+  return jax.lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def _mm(a, b, p):     # a @ b
+  return _dot(a, b, (1, 0), p)
+
+
+def _mm_nt(a, b, p):  # a @ b.T
+  return _dot(a, b, (1, 1), p)
+
+
+def _mm_tn(a, b, p):  # a.T @ b
+  return _dot(a, b, (0, 0), p)
+
+
+def _exp(x: Array) -> Array:
+  return jnp.exp2(x * LOG2E)
+
+
+def _iota(shape: tuple[int, ...], dim: int) -> Array:
+  return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _level_factor(g: Array, g_ref, row_offset, chunk: int, lg: int) -> Array:
+  """exp(-|G_r - G_m(r)|) for level L = 2**lg: m(r) = last row of the first half of r's 2L-row block."""
+  rows = _iota((chunk,), 0)
+  ref_rows = ((rows >> (lg + 1)) << (lg + 1)) + ((1 << lg) - 1)
+  rho = g_ref[ref_rows + row_offset, :]
+  query_side = ((_iota((chunk, 1), 0) >> lg) & 1) == 1
+  diff = jnp.where(query_side, g - rho, rho - g)
+  return _exp(jnp.minimum(diff, 0.0))
+
+
+def _level_matrix(chunk: int) -> Array:
+  """lvl[r, c] = log2 of the level owning the pair (r, c) (highest bit where r, c differ); -1 if c >= r."""
+  r, c = _iota((chunk, 1), 0), _iota((1, chunk), 1)
+  msb = (jax.lax.bitcast_convert_type((r ^ c).astype(jnp.float32), jnp.int32) >> 23) - 127
+  return jnp.where(r > c, msb, -1)
+
+
+def _level_mask(chunk: int, lg: int) -> Array:
+  """lvl == lg, built from row and column vectors (keeps no C x C integer matrix alive)."""
+  r, c = _iota((chunk, 1), 0), _iota((1, chunk), 1)
+  return (((r >> lg) & 1) == 1) & (((c >> lg) & 1) == 0) & ((r >> (lg + 1)) == (c >> (lg + 1)))
+
+
+def _num_levels(chunk: int) -> int:
+  return chunk.bit_length() - 1
+
+
+def _scores(qf, kf, g, g_ref, row_offset, chunk, mm_dtype, prec) -> Array:
+  """Unscaled intra-chunk scores A[r, c] = sum_k q[r,k] k[c,k] exp(G[r,k] - G[c,k]) for c <= r, else 0."""
+  r, c = _iota((chunk, 1), 0), _iota((1, chunk), 1)
+  a = jnp.where(r == c, jnp.sum(qf * kf, axis=1)[:, None], 0.0)
+  lvl = _level_matrix(chunk)
+  for lg in range(_num_levels(chunk)):
+    e = _level_factor(g, g_ref, row_offset, chunk, lg)
+    s = _mm_nt((qf * e).astype(mm_dtype), (kf * e).astype(mm_dtype), prec)
+    a = jnp.where(lvl == lg, s, a)
+  return a
+
+
+def _chunk_output(q, k, v, g, h, g_ref, row_offset, cfg: KernelConfig, mm_dtype, prec) -> Array:
+  """F3 for one chunk and one V tile: scale * ((q * e^G) @ h + A @ v), fp32."""
+  qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+  o = _mm((qf * _exp(g)).astype(mm_dtype), h.astype(mm_dtype), prec)
+  a = _scores(qf, kf, g, g_ref, row_offset, cfg.chunk_size, mm_dtype, prec)
+  o = o + _mm(a.astype(mm_dtype), v.astype(mm_dtype), prec)
+  return o * cfg.scale
+
+
+def _state_update(h, k, v, g, g_last, mm_dtype, prec) -> Array:
+  """F1: h * e^gamma + (k * e^(gamma - G))^T v, fp32."""
+  kd = (k.astype(jnp.float32) * _exp(g_last[None, :] - g)).astype(mm_dtype)
+  return h * _exp(g_last)[:, None] + _mm_tn(kd, v.astype(mm_dtype), prec)
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+
+def _rows(n, c: int):
+  """Rows of chunk n (a Python int or a traced index)."""
+  return pl.ds(n * c if isinstance(n, int) else pl.multiple_of(n * c, c), c)
+
+
+def _sequential(num_chunks: int, load, step, init, prefetch: bool, reverse: bool = False):
+  """fori_loop over chunks; with `prefetch` the next chunk's loads are issued before this chunk's math."""
+  order = (lambda i: num_chunks - 1 - i) if reverse else (lambda i: i)
+  if not prefetch:
+    return jax.lax.fori_loop(0, num_chunks, lambda i, carry: step(order(i), carry, load(order(i))), init)
+
+  def body(i, carry):
+    carry, current = carry
+    upcoming = load(order(jnp.minimum(i + 1, num_chunks - 1)))
+    return step(order(i), carry, current), upcoming
+  return jax.lax.fori_loop(0, num_chunks, body, (init, load(order(0))))
+
+
+def fused_fwd_kernel(q_ref, k_ref, v_ref, g_ref, o_ref, *hs_refs, cfg, num_chunks, mm_dtype, prec):
+  c = cfg.chunk_size
+
+  def load(n):
+    rows = _rows(n, c)
+    return q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g_ref[rows, :], g_ref[n * c + c - 1, :]
+
+  def step(n, h, chunk):
+    q, k, v, g, g_last = chunk
+    if hs_refs:
+      hs_refs[0][n] = h.astype(hs_refs[0].dtype)
+    o = _chunk_output(q, k, v, g, h, g_ref, n * c, cfg, mm_dtype, prec)
+    o_ref[_rows(n, c), :] = o.astype(o_ref.dtype)
+    return _state_update(h, k, v, g, g_last, mm_dtype, prec)
+
+  h0 = jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
+  _sequential(num_chunks, load, step, h0, cfg.prefetch)
+
+
+def state_kernel(k_ref, v_ref, g_ref, hs_ref, *, cfg, num_chunks, mm_dtype, prec):
+  c = cfg.chunk_size
+
+  def load(n):
+    rows = _rows(n, c)
+    return k_ref[rows, :], v_ref[rows, :], g_ref[rows, :], g_ref[n * c + c - 1, :]
+
+  def step(n, h, chunk):
+    hs_ref[n] = h.astype(hs_ref.dtype)
+    return _state_update(h, *chunk, mm_dtype, prec)
+
+  _sequential(num_chunks, load, step, jnp.zeros(hs_ref.shape[1:], jnp.float32), cfg.prefetch)
+
+
+def out_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, cfg, mm_dtype, prec):
+  o = _chunk_output(q_ref[...], k_ref[...], v_ref[...], g_ref[...], h_ref[...], g_ref, 0, cfg, mm_dtype, prec)
+  o_ref[...] = o.astype(o_ref.dtype)
+
+
+def dstate_kernel(q_ref, g_ref, do_ref, ds_ref, *, cfg, num_chunks, mm_dtype, prec):
+  """B1: ds[n] = D_n = dL/dh_{n+1}; D_{n-1} = e^gamma_n D_n + scale (q_n e^G_n)^T do_n."""
+  c = cfg.chunk_size
+
+  def load(n):
+    rows = _rows(n, c)
+    return q_ref[rows, :], g_ref[rows, :], g_ref[n * c + c - 1, :], do_ref[rows, :]
+
+  def step(n, d, chunk):
+    q, g, g_last, do = chunk
+    ds_ref[n] = d.astype(ds_ref.dtype)
+    qg = (q.astype(jnp.float32) * (_exp(g) * cfg.scale)).astype(mm_dtype)
+    return d * _exp(g_last)[:, None] + _mm_tn(qg, do.astype(mm_dtype), prec)
+
+  _sequential(num_chunks, load, step, jnp.zeros(ds_ref.shape[1:], jnp.float32), cfg.prefetch, reverse=True)
+
+
+def grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref, dv_ref, dg_ref, *, cfg,
+                 mm_dtype, prec):
+  """B2-B6 for one chunk. h_ref = h_n, d_ref = D_n (both K x V fp32)."""
+  c, scale = cfg.chunk_size, cfg.scale
+  dim_v = v_ref.shape[-1]
+  bv = min(cfg.grad_block_v, dim_v)
+  tiles = [pl.ds(t * bv, bv) for t in range(dim_v // bv)]
+  q, k, g = q_ref[...], k_ref[...], g_ref[...]
+  qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+  g_last = g_ref[c - 1, :]
+  decay_q = _exp(g)                        # e^G
+  decay_k = _exp(g_last[None, :] - g)      # e^(gamma - G)
+  k_dec = (kf * decay_k).astype(mm_dtype)
+  load = lambda ref, t: ref[:, t].astype(mm_dtype)
+
+  # Phase 1 (V tiles): dA (B2, unmasked), dq_inter, dk_inter, rowsum(h * D).
+  d_a = dq_inter = dk_inter = hd = None
+  for t in tiles:
+    do_t, v_t = load(do_ref, t), load(v_ref, t)
+    h_t, d_t = h_ref[:, t].astype(jnp.float32), d_ref[:, t].astype(jnp.float32)
+    terms = (_mm_nt(do_t, v_t, prec), _mm_nt(do_t, h_t.astype(mm_dtype), prec),
+             _mm_nt(v_t, d_t.astype(mm_dtype), prec), jnp.sum(h_t * d_t, axis=1))
+    if d_a is None:
+      d_a, dq_inter, dk_inter, hd = terms
+    else:
+      d_a, dq_inter, dk_inter, hd = (x + y for x, y in zip((d_a, dq_inter, dk_inter, hd), terms))
+  r, col = _iota((c, 1), 0), _iota((1, c), 1)
+  d_a = jnp.where(r >= col, d_a * scale, 0.0)
+  diag_da = jnp.sum(jnp.where(r == col, d_a, 0.0), axis=1)[:, None]
+
+  # Phase 2 (levels): recompute A; intra-chunk dq, dk (B4, B5) through the same factors.
+  a = jnp.where(r == col, jnp.sum(qf * kf, axis=1)[:, None], 0.0)
+  dq = diag_da * kf
+  dk = diag_da * qf
+  lvl = _level_matrix(c)
+  for lg in range(_num_levels(c)):
+    e = _level_factor(g, g_ref, 0, c, lg)
+    q_hat, k_hat = (qf * e).astype(mm_dtype), (kf * e).astype(mm_dtype)
+    mask = lvl == lg
+    a = jnp.where(mask, _mm_nt(q_hat, k_hat, prec), a)
+    d_a_level = jnp.where(mask, d_a, 0.0).astype(mm_dtype)
+    dq = dq + _mm(d_a_level, k_hat, prec) * e
+    dk = dk + _mm_tn(d_a_level, q_hat, prec) * e
+  a = (a * scale).astype(mm_dtype)
+
+  # Phase 3 (V tiles): dv (B3).
+  for t in tiles:
+    dv_t = _mm_tn(a, load(do_ref, t), prec) + _mm(k_dec, d_ref[:, t].astype(mm_dtype), prec)
+    dv_ref[:, t] = dv_t.astype(dv_ref.dtype)
+
+  dk_inter = dk_inter * decay_k
+  dq = dq + dq_inter * (decay_q * scale)
+  dk = dk + dk_inter
+  delta = _exp(g_last) * hd + jnp.sum(kf * dk_inter, axis=0)
+  dg = qf * dq - kf * dk
+  dg = jnp.where(_iota((c, 1), 0) == c - 1, dg + delta[None, :], dg)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dg_ref[...] = dg
+
+
+def dv_kernel(q_ref, k_ref, g_ref, do_ref, d_ref, dv_ref, *, cfg, mm_dtype, prec):
+  """B3 for one chunk and one V tile: dv = A^T do + (k e^(gamma - G)) D_n."""
+  c = cfg.chunk_size
+  g, g_last = g_ref[...], g_ref[c - 1, :]
+  kf = k_ref[...].astype(jnp.float32)
+  a = _scores(q_ref[...].astype(jnp.float32), kf, g, g_ref, 0, c, mm_dtype, prec) * cfg.scale
+  k_dec = (kf * _exp(g_last[None, :] - g)).astype(mm_dtype)
+  dv = (_mm_tn(a.astype(mm_dtype), do_ref[...].astype(mm_dtype), prec)
+        + _mm(k_dec, d_ref[...].astype(mm_dtype), prec))
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref, dg_ref, *, cfg, mm_dtype,
+                prec):
+  """B2, B4-B6 for one chunk; the inter-chunk terms are folded in first so few C x K tensors stay alive."""
+  c, scale = cfg.chunk_size, cfg.scale
+  dim_v = v_ref.shape[-1]
+  bv = min(cfg.grad_block_v, dim_v)
+  g, g_last = g_ref[...], g_ref[c - 1, :]
+  d_a = dq = dk = hd = None
+  for t in [pl.ds(i * bv, bv) for i in range(dim_v // bv)]:
+    do_t, v_t = do_ref[:, t].astype(mm_dtype), v_ref[:, t].astype(mm_dtype)
+    h_t, d_t = h_ref[:, t], d_ref[:, t]
+    terms = (_mm_nt(do_t, v_t, prec), _mm_nt(do_t, h_t.astype(mm_dtype), prec),
+             _mm_nt(v_t, d_t.astype(mm_dtype), prec),
+             jnp.sum(h_t.astype(jnp.float32) * d_t.astype(jnp.float32), axis=1))
+    if d_a is None:
+      d_a, dq, dk, hd = terms
+    else:
+      d_a, dq, dk, hd = (x + y for x, y in zip((d_a, dq, dk, hd), terms))
+  kf = k_ref[...].astype(jnp.float32)
+  dq = dq * (_exp(g) * scale)                      # s (do h^T) e^G
+  dk = dk * _exp(g_last[None, :] - g)              # dK^inter = (v D^T) e^(gamma - G)
+  delta = _exp(g_last) * hd + jnp.sum(kf * dk, axis=0)
+  r, col = _iota((c, 1), 0), _iota((1, c), 1)
+  d_a = jnp.where(r >= col, d_a * scale, 0.0)
+  diag_da = jnp.sum(jnp.where(r == col, d_a, 0.0), axis=1)[:, None]
+  qf = q_ref[...].astype(jnp.float32)
+  dq = dq + diag_da * kf
+  dk = dk + diag_da * qf
+  for lg in range(_num_levels(c)):
+    e = _level_factor(g, g_ref, 0, c, lg)
+    d_a_level = jnp.where(_level_mask(c, lg), d_a, 0.0).astype(mm_dtype)
+    dq = dq + _mm(d_a_level, (kf * e).astype(mm_dtype), prec) * e
+    dk = dk + _mm_tn(d_a_level, (qf * e).astype(mm_dtype), prec) * e
+  dg = qf * dq - kf * dk
+  dg = jnp.where(r == c - 1, dg + delta[None, :], dg)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dg_ref[...] = dg
