@@ -20,6 +20,9 @@ OOM instead of ending the sweep. Compilation dominates the cost of a cell, so by
 compiled in parallel subprocesses (``--jobs``) into JAX's persistent compilation cache, and the timed runs
 then load their executables from it, one cell at a time. Results are written after every cell
 (``<out_dir>/model_sweep_<card>.json``), so a sweep cut short still leaves its finished cells.
+Parallel pre-compilation can skew a cell: XLA autotunes GEMMs while compiling, and one cell of a session-3 run
+came out 1.35x slower than when compiled alone (benchmarks/NOTES.md); for close comparisons use ``--jobs=0``
+(each cell compiled alone, just before it runs).
 ``--profile`` instead traces training steps of the ``--extra`` cells and writes per-op GPU time
 (`trace_summary.py`); ``--extra`` adds cells such as ``"DiG-S/2:256:bf16:gla=chunked"`` (see `extra_cells`).
 """
@@ -48,7 +51,9 @@ def cell(model: str, px: int, precision: str, *, batch: int | None = None, atten
 
   diag="nonorm": a diagnostic run with the step's three tree-norm metrics replaced by zeros (not what users
   run; it measures what those metrics cost); diag="norms_every_step": the norms on every step, as `train_step`
-  computed them before they moved to logged steps only (every other cell: every 100th step, as the loop logs).
+  computed them before they moved to logged steps only (every other cell: every 100th step, as the loop logs);
+  diag="flat_optim": AdamW wrapped in `optax.flatten` (one update over a concatenated vector instead of one
+  per parameter leaf).
   """
   is_dig = model.startswith("DiG")
   label = model + ("" if is_dig else f"-{attention}")
@@ -96,7 +101,8 @@ def extra_cells(spec: str) -> list[dict[str, Any]]:
       elif key in ("attention", "gla", "remat", "diag"):
         kwargs[key] = value
       else:  # any other model-config field (e.g. depth=2 for a smoke test on CPU)
-        overrides[key] = int(value) if value.isdigit() else value
+        overrides[key] = (int(value) if value.isdigit() else
+                          {"true": True, "false": False}.get(value.lower(), value))
     dump_hlo = kwargs.pop("dump_hlo", False)
     spec = dict(cell(model, int(px), precision, **kwargs), dump_hlo=dump_hlo, overrides=overrides)
     if overrides:
@@ -139,6 +145,9 @@ def _build(spec: dict[str, Any]):
       learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, schedule="constant", warmup_steps=0,
       min_lr_ratio=0.0, grad_clip_norm=0.0))
   tx, lr_schedule = optim.create_optimizer(optim_config, 1000)
+  if spec.get("diag") == "flat_optim":  # diagnostic: AdamW on one concatenated vector (optax.flatten)
+    import optax
+    tx = optax.flatten(tx)
   diffusion = diffusion_lib.create_diffusion("", num_timesteps=1000, noise_schedule="linear",
                                              learn_sigma=True)
   abstract_model = nnx.eval_shape(lambda: models.create_model(model_config, rngs=nnx.Rngs(0)))

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 # A merged JSON's runs, best first (see its "notes").
-RUN_PREFERENCE = ("final", "h100-b", "h100-a", "quick", "variants")
+RUN_PREFERENCE = ("final", "h100-b", "h100-a", "fp32_a", "fp32_b", "quick", "variants")
 STYLE = {"DiG-S/2": ("tab:red", "o"), "DiT-S/2-xla": ("tab:blue", "s"), "DiT-S/2-cudnn": ("tab:green", "^")}
 
 

@@ -92,14 +92,20 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 45) -> dict[
     return ""
 
   by_cat: dict[str, float] = collections.Counter()
+  kernels_by_cat: dict[str, int] = collections.Counter()
   for key, us in per_op.items():
     by_cat[category(op_name(key))] += us
+    kernels_by_cat[category(op_name(key))] += calls[key]
   scale = 1e-3 / steps  # us over `steps` steps -> ms per step
   ranked = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+  other = sorted(((k, v) for k, v in per_op.items() if category(op_name(k)) == "other"),
+                 key=lambda kv: -kv[1])
   return {
       "total_ms": sum(per_op.values()) * scale,
       "by_category_ms": {k: v * scale for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+      "kernels_per_step_by_category": {k: v // steps for k, v in kernels_by_cat.items()},
       "top_ops": [(k, v * scale, calls[k] // steps, op_name(k)[-140:]) for k, v in ranked],
+      "top_other_ops": [(k, v * scale, calls[k] // steps, op_name(k)[-140:]) for k, v in other[:top]],
       "threads": {k: v * scale for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1])[:12]},
   }
 
@@ -109,9 +115,13 @@ def format_summary(label: str, summary: dict[str, Any]) -> str:
     return f"== {label}: {summary['error']}\n"
   lines = [f"== {label}: GPU kernel time {summary['total_ms']:.3f} ms / step"]
   lines.append("   by category: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["by_category_ms"].items()))
+  lines.append("   kernels per step: " + ", ".join(
+      f"{k} {v}" for k, v in summary.get("kernels_per_step_by_category", {}).items()))
   lines.append("   threads: " + "; ".join(f"{k}: {v:.2f}" for k, v in summary["threads"].items()))
-  for op, ms, n, name in summary["top_ops"]:
-    lines.append(f"   {ms:8.3f} ms  x{n:<4d} {op[:48]:48s} {name}")
+  for title, key in (("top ops", "top_ops"), ("top ops outside the model scopes", "top_other_ops")):
+    lines.append(f"   -- {title}")
+    for op, ms, n, name in summary.get(key, []):
+      lines.append(f"   {ms:8.3f} ms  x{n:<4d} {op[:48]:48s} {name}")
   return "\n".join(lines) + "\n"
 
 
