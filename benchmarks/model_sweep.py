@@ -22,7 +22,9 @@ then load their executables from it, one cell at a time. Results are written aft
 (``<out_dir>/model_sweep_<card>.json``), so a sweep cut short still leaves its finished cells.
 Parallel pre-compilation can skew a cell: XLA autotunes GEMMs while compiling, and one cell of a session-3 run
 came out 1.35x slower than when compiled alone (benchmarks/NOTES.md); for close comparisons use ``--jobs=0``
-(each cell compiled alone, just before it runs).
+(each cell compiled alone, just before it runs), and ``--repeats=N`` to run every cell N times, round-robin,
+each time compiled afresh without the persistent cache, so the spread covers compilation as well as run-time
+noise (a median and min-max per cell are printed).
 ``--profile`` instead traces training steps of the ``--extra`` cells and writes per-op GPU time
 (`trace_summary.py`); ``--extra`` adds cells such as ``"DiG-S/2:256:bf16:gla=chunked"`` (see `extra_cells`).
 """
@@ -32,6 +34,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -217,7 +220,6 @@ def _profile(one_step, hlo_text: str, spec: dict[str, Any], steps: int = 3) -> d
 def run_worker(spec: dict[str, Any], mode: str, steps: int) -> dict[str, Any]:
   """Compiles (mode "compile") or compiles and times (mode "run") one cell; returns a result dict."""
   import contextlib
-  import statistics
 
   import jax
   import jax.numpy as jnp
@@ -353,6 +355,23 @@ def fmt_cell(r: dict[str, Any]) -> str:
   return f"{r['status'].upper():>26s}"
 
 
+def summarize_repeats(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per cell (label, px, batch, precision) of a `--repeats` run: training images/s median, min, max, runs."""
+  groups: dict[tuple, list[float]] = {}
+  for r in results:
+    key = (r["label"], r["px"], r["batch"], r["precision"])
+    groups.setdefault(key, [])
+    if r["status"] == "ok":
+      groups[key].append(r["train_images_per_s"])
+  out = []
+  for (label, px, batch, precision), values in groups.items():
+    row = dict(label=label, px=px, batch=batch, precision=precision, runs=len(values))
+    if values:
+      row.update(median=statistics.median(values), min=min(values), max=max(values))
+    out.append(row)
+  return out
+
+
 def print_table(results: list[dict[str, Any]], log) -> None:
   log(f"{'cell':34s} {'px':>5s} {'B':>3s} {'prec':>4s} | train img/s   peak | fwd img/s | compile s")
   for r in results:
@@ -376,6 +395,8 @@ def main() -> None:
   parser.add_argument("--cell_timeout_s", type=float, default=240.0)
   parser.add_argument("--cache_dir", default="/tmp/dig_jax_model_sweep_cache")
   parser.add_argument("--tag", default="", help="suffix of the output file name")
+  parser.add_argument("--repeats", type=int, default=1,
+                      help="run every cell this many times, round-robin, each compiled afresh (implies --jobs=0)")
   parser.add_argument("--profile", action="store_true",
                       help="trace the --extra cells instead (trace_summary)")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -412,6 +433,10 @@ def main() -> None:
   log(f"{env}\n{len(runnable)} cells -> {out_path}")
   if args.quick:
     args.steps = min(args.steps, 2)
+  if args.repeats < 1:
+    raise SystemExit(f"--repeats must be >= 1; got {args.repeats}")
+  if args.repeats > 1:  # every run compiles on its own, without the persistent cache (see the docstring)
+    args.jobs, args.cache_dir = 0, ""
 
   if args.jobs > 0:
     t0 = time.time()
@@ -424,14 +449,15 @@ def main() -> None:
     log(f"pre-compiled {len(runnable)} cells in {time.time() - t0:.0f} s")
 
   results: list[dict[str, Any]] = []
-  for c in cells:
+  for repeat, c in [(i, c) for i in range(args.repeats) for c in cells]:
     if c["attention"] == "cudnn" and c["precision"] == "fp32":
-      results.append(dict(c, status="n/a", error="cuDNN flash attention needs bf16/fp16"))
+      if repeat == 0:
+        results.append(dict(c, status="n/a", error="cuDNN flash attention needs bf16/fp16"))
       continue
     if time.time() - start > args.deadline_s:
-      results.append(dict(c, status="skipped", error="deadline"))
+      results.append(dict(c, status="skipped", error="deadline", repeat=repeat))
       continue
-    r = launch(c, "run", args, args.cell_timeout_s)
+    r = dict(launch(c, "run", args, args.cell_timeout_s), repeat=repeat)
     results.append(r)
     log(f"[{time.time() - start:5.0f}s] {r['label']:34s} {r['px']:5d} B{r['batch']:<3d} {r['precision']} "
         f"{fmt_cell(r)}" + (f"  {r.get('error', '')[:200]}" if r["status"] not in ("ok", "oom") else ""))
@@ -440,6 +466,15 @@ def main() -> None:
   with open(out_path, "w", encoding="utf-8") as f:
     json.dump(dict(environment=env, card=card, batch_sizes=BATCH, results=results), f, indent=1)
   print_table(results, log)
+  if args.repeats > 1:
+    summary = summarize_repeats(results)
+    log(f"{args.repeats} runs per cell, each compiled afresh; training images/s median [min, max] (runs ok):")
+    for s in summary:
+      spread = (f"{s['median']:9.2f} [{s['min']:.2f}, {s['max']:.2f}]" if s["runs"] else "no run ok")
+      log(f"  {s['label']:34s} {s['px']:5d} B{s['batch']:<3d} {s['precision']}  {spread} ({s['runs']})")
+    with open(out_path, "w", encoding="utf-8") as f:
+      json.dump(dict(environment=env, card=card, batch_sizes=BATCH, results=results, repeats=summary), f,
+                indent=1)
   with open(os.path.join(args.out_dir, f"model_sweep_{card}{args.tag}.log"), "w", encoding="utf-8") as f:
     f.write("\n".join(log_lines) + "\n")
 
