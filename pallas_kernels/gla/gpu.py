@@ -81,7 +81,7 @@ def default_chunk_size(tokens: int) -> int:
 
 
 def _common(q: Array, cfg: KernelConfig):
-  """Matmul operand dtype and precision: bf16 inputs -> bf16; fp32 -> IEEE (HIGHEST) or TF32 (DEFAULT) dots."""
+  """Matmul operand dtype and precision: bf16 for bf16 inputs; fp32 with IEEE (HIGHEST) or TF32 dots."""
   mm_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
   ieee = mm_dtype == jnp.float32 and cfg.fp32_dots == "ieee"
   prec = jax.lax.Precision.HIGHEST if ieee else jax.lax.Precision.DEFAULT
@@ -252,14 +252,12 @@ def gla(q: Array, k: Array, v: Array, log_gate: Array, *, chunk_size: int | None
   own `fp32_dots`).
   """
   reference._check_shapes(q, k, v, log_gate, None)
-  if not is_supported(q.shape, v.shape, q.dtype):
+  dtype = jnp.promote_types(q.dtype, jnp.promote_types(k.dtype, v.dtype))  # what the kernels run on
+  if not is_supported(q.shape, v.shape, dtype):
     raise ValueError(f"pallas_gpu GLA supports bf16/fp32 with head dims powers of two in [{MIN_DIM}, "
-                     f"{MAX_DIM}] (fp32: up to {MAX_DIM_FP32}); got q{q.shape} v{v.shape} {q.dtype}. "
-                     "Use impl='chunked' (impl='auto' does so by itself).")
+                     f"{MAX_DIM}] (fp32: up to {MAX_DIM_FP32}); got q{q.shape} v{v.shape}, q {q.dtype}, "
+                     f"k {k.dtype}, v {v.dtype}. Use impl='chunked' (impl='auto' does so by itself).")
   out_dtype = v.dtype
-  dtype = jnp.promote_types(q.dtype, jnp.promote_types(k.dtype, v.dtype))
-  if dtype not in SUPPORTED_DTYPES:
-    raise ValueError(f"pallas_gpu GLA supports bf16/fp32 inputs; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
   q, k, v = (x.astype(dtype) for x in (q, k, v))
   tokens = q.shape[1]
   c = default_chunk_size(tokens) if chunk_size is None else chunk_size

@@ -31,6 +31,7 @@ import math
 from types import ModuleType
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
 from pallas_kernels.gla import reference
@@ -157,7 +158,9 @@ def gla(q: Array, k: Array, v: Array, log_gate: Array, *, impl: str | GlaImpl = 
   `interpret=True` runs a Pallas kernel's bodies through the Pallas interpreter (CPU tests of
   `impl="pallas_gpu"` or `"pallas_tpu"`); None leaves each kernel module's default.
   """
-  concrete = resolve_impl(impl, q.shape, v.shape, q.dtype)
+  # The kernels run on q, k, v promoted to one dtype; decide on that dtype (bf16 q with fp32 v runs in fp32).
+  dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+  concrete = resolve_impl(impl, q.shape, v.shape, dtype)
   if concrete == GlaImpl.RECURRENT:
     return reference.recurrent_gla(q, k, v, log_gate, scale=scale)
   if concrete == GlaImpl.CHUNKED:
@@ -166,7 +169,7 @@ def gla(q: Array, k: Array, v: Array, log_gate: Array, *, impl: str | GlaImpl = 
   module, error = _load_kernel(concrete)
   if module is None:
     raise ValueError(f"GLA impl {concrete.value!r} is not available here: {error}")
-  if not module.is_supported(q.shape, v.shape, q.dtype):
-    raise ValueError(f"GLA impl {concrete.value!r} does not support q{q.shape} v{v.shape} {q.dtype}; "
+  if not module.is_supported(q.shape, v.shape, dtype):
+    raise ValueError(f"GLA impl {concrete.value!r} does not support q{q.shape} v{v.shape} {dtype}; "
                      "use impl='auto' or 'chunked'")
   return _call_kernel(module, q, k, v, log_gate, chunk_size=chunk_size, scale=scale, interpret=interpret)

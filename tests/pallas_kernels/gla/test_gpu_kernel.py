@@ -78,6 +78,8 @@ def test_is_supported_and_input_errors():
   x = jnp.zeros((1, 8, 1, 128), jnp.float32)
   with pytest.raises(ValueError, match="impl='chunked'"):
     gpu.gla(x, x, x, x, interpret=True)
+  with pytest.raises(ValueError, match="impl='chunked'"):  # bf16 q, k with an fp32 v run in fp32
+    gpu.gla(x.astype(jnp.bfloat16), x.astype(jnp.bfloat16), x, x, interpret=True)
   assert not gpu.is_supported((2, 100, 6, 24), (2, 100, 6, 64), jnp.bfloat16)   # not a power of two
   assert not gpu.is_supported((2, 100, 6, 8), (2, 100, 6, 64), jnp.bfloat16)    # below Triton's dot minimum
   assert not gpu.is_supported((2, 100, 6, 32), (2, 100, 6, 256), jnp.bfloat16)  # above the register budget
