@@ -523,6 +523,14 @@ def _read_imported_config(folder: str) -> ml_collections.ConfigDict:
     return resolve_model_config(json.load(f))
 
 
+def _restore_imported(folder: str, params: Any, model_state: Any) -> tuple[Any, Any]:
+  """(params, model_state) of an `import` folder, restored into the given targets' structure and shardings."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  target = {"params": params, "model_state": model_state}
+  restored = ocp.StandardCheckpointer().restore(os.path.join(folder, IMPORTED_PARAMS_DIR), target)
+  return restored["params"], restored["model_state"]
+
+
 def load_imported(folder: str | os.PathLike[str], model_config: Any, abstract_params: Any,
                   abstract_model_state: Any) -> tuple[Any, Any]:
   """(params, model_state) of a folder written by `import` for a run with `model_config` (config.init_from).
@@ -535,7 +543,6 @@ def load_imported(folder: str | os.PathLike[str], model_config: Any, abstract_pa
     ValueError: the architectures differ (the message lists the fields and the overrides that would match).
     RuntimeError: the parameter files do not load (corrupt or truncated).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   folder = os.path.abspath(os.fspath(folder))
   params_path = os.path.join(folder, IMPORTED_PARAMS_DIR)
   if not (os.path.isfile(os.path.join(folder, IMPORTED_CONFIG_FILE)) and os.path.isdir(params_path)):
@@ -551,25 +558,21 @@ def load_imported(folder: str | os.PathLike[str], model_config: Any, abstract_pa
         f"config.init_from={folder} holds a different model: "
         + ", ".join(f"{name} {theirs[name]!r} (run: {ours[name]!r})" for name in differing)
         + f". Match it with: {wanted}")
-  target = {"params": abstract_params, "model_state": abstract_model_state}
   try:
-    restored = ocp.StandardCheckpointer().restore(params_path, target)
+    return _restore_imported(folder, abstract_params, abstract_model_state)
   except Exception as e:  # orbax raises many types for unreadable data
     raise RuntimeError(f"could not load the parameters in {params_path} ({type(e).__name__}: "
                        f"{str(e)[:300]}); re-run `python -m dig_jax.convert import`") from e
-  return restored["params"], restored["model_state"]
 
 
 def _load_workdir(workdir: str, step: int | None) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   """(model config, {**params, **model_state}) from a training workdir or an `import` output folder."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(workdir)
   if os.path.exists(os.path.join(workdir, IMPORTED_CONFIG_FILE)):
     cfg = _read_imported_config(workdir)
     params, rest = nnx.split_state(abstract_state(cfg), nnx.Param, ...)
-    target = {"params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(rest)}
-    restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, IMPORTED_PARAMS_DIR), target)
-    return cfg, {**restored["params"], **restored["model_state"]}
+    params, rest = _restore_imported(workdir, nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+    return cfg, {**params, **rest}
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise FileNotFoundError(
         f"{workdir} is neither a training workdir (config.json + checkpoints/) nor a folder "
