@@ -370,6 +370,8 @@ SWEEP = {
     "fused": gpu.KernelConfig(fused=True),
     "fused_bv32": gpu.KernelConfig(fused=True, fwd_block_v=32),
 }
+LONG_SHAPES = ((8, 4096, 6, 32, 64), (8, 12544, 6, 32, 64), (2, 50176, 6, 32, 64))  # --mode grad / sweep
+
 # (config, chunk) pairs for `--mode short`; None = the tuned default for the shape.
 SHORT_SWEEP = {
     "tuned_c64": (None, 64),
@@ -388,7 +390,8 @@ SHORT_SWEEP = {
 
 def main() -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument("--mode", default="full", choices=["full", "sweep", "check", "parts", "grad", "short", "fp32"])
+  parser.add_argument("--mode", default="full",
+                      choices=["full", "sweep", "check", "parts", "grad", "short", "fp32"])
   default_out = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
   parser.add_argument("--out", default=default_out)
   parser.add_argument("--shapes", default="")
@@ -415,6 +418,15 @@ def main() -> None:
     with open(os.path.join(args.out, f"gla_kernel_{args.mode}.log"), "w") as fh:
       fh.write("\n".join(LOG))
 
+  def time_shapes(shape_list, row_for) -> None:
+    """One timing row per (B, T, H, K, V), saved after each; then the table."""
+    rows = []
+    for shape in shape_list:
+      rows.append(row_for(*shape))
+      result["timings"] = rows
+      save()
+    print_table(rows, bw)
+
   try:
     if args.mode == "check":
       result["correctness"] = check_correctness(fla_fn, save_fn=lambda rows: (result.update(correctness=rows),
@@ -422,57 +434,41 @@ def main() -> None:
     elif args.mode == "parts":
       result["parts"] = parts_bench()
     elif args.mode == "grad":  # one gradient kernel (v1) vs dv + dq/dk/dG kernels (v2), end to end
-      rows = []
-      for b, t, h, dk, dv in ((8, 4096, 6, 32, 64), (8, 12544, 6, 32, 64), (2, 50176, 6, 32, 64)):
+      def grad_row(b, t, h, dk, dv):
         base = gpu.tuned_config((b, t, h, dk), (b, t, h, dv))
         impls = {name: ours(dataclasses.replace(base, **kw)) for name, kw in GRAD_SWEEP.items()}
-        rows.append(bench_shape(b, t, h, dk, dv, impls, None, bw, False))
-        result["timings"] = rows
-        save()
-      print_table(rows, bw)
+        return bench_shape(b, t, h, dk, dv, impls, None, bw, False)
+      time_shapes(LONG_SHAPES, grad_row)
     elif args.mode == "fp32":  # IEEE vs TF32 dots for fp32 inputs
-      rows = []
-      for b, t, h, dk, dv in shapes or ((32, 256, 6, 32, 64), (8, 4096, 6, 32, 64)):
+      def fp32_row(b, t, h, dk, dv):
         tuned = gpu.tuned_config((b, t, h, dk), (b, t, h, dv))
         configs = {f"ours_{d}": dataclasses.replace(tuned, fp32_dots=d) for d in ("ieee", "tf32")}
         row = bench_shape(b, t, h, dk, dv, {n: ours(c) for n, c in configs.items()}, None, bw,
                           with_attention=False, dtype=jnp.float32)
         row["errors"] = {n: check_case(b, t, h, dk, dv, "dig", jnp.float32, c, 0) for n, c in configs.items()}
         log("errors " + json.dumps(row["errors"]))
-        rows.append(row)
-        result["timings"] = rows
-        save()
-      print_table(rows, bw)
+        return row
+      time_shapes(shapes or ((32, 256, 6, 32, 64), (8, 4096, 6, 32, 64)), fp32_row)
     elif args.mode == "short":
-      rows = []
       names = args.configs.split(",") if args.configs else list(SHORT_SWEEP)
-      for b, t, h, dk, dv in shapes or ((32, 256, 6, 32, 64), (8, 1024, 6, 32, 64)):
-        impls = {n: ours(*SHORT_SWEEP[n]) for n in names}
-        rows.append(bench_shape(b, t, h, dk, dv, impls, None, bw, with_attention=True))
-        result["timings"] = rows
-        save()
-      print_table(rows, bw)
+      time_shapes(shapes or ((32, 256, 6, 32, 64), (8, 1024, 6, 32, 64)),
+                  lambda *s: bench_shape(*s, {n: ours(*SHORT_SWEEP[n]) for n in names}, None, bw,
+                                         with_attention=True))
     elif args.mode == "sweep":
-      rows = []
-      for b, t, h, dk, dv in ((8, 4096, 6, 32, 64), (8, 12544, 6, 32, 64), (2, 50176, 6, 32, 64)):
-        rows.append(bench_shape(b, t, h, dk, dv, {n: ours(c) for n, c in SWEEP.items()}, None, bw, False))
-        result["timings"] = rows
-        save()
-      print_table(rows, bw)
+      time_shapes(LONG_SHAPES, lambda *s: bench_shape(*s, {n: ours(c) for n, c in SWEEP.items()}, None, bw,
+                                                      False))
     else:
       default_shapes = [(8, t, 6, 32, 64) for t in (256, 1024, 4096, 12544)] + [(2, 50176, 6, 32, 64)]
       default_shapes += [(8, t, 6, 64, 64) for t in (1024, 4096, 12544)] + [(2, 50176, 6, 64, 64)]
-      rows = []
-      for b, t, h, dk, dv in shapes or default_shapes:
+
+      def full_row(b, t, h, dk, dv):
         impls = {"ours": ours(), "xla_chunked": xla_chunked}
         if t > 12544:  # the XLA reference's backward at 50K tokens is slow and memory-hungry: skipped there
           impls.pop("xla_chunked")
         row = bench_shape(b, t, h, dk, dv, impls, fla_fn, bw, with_attention=dk == 32)
         row["ours_config"] = dataclasses.asdict(gpu.tuned_config((b, t, h, dk), (b, t, h, dv)))
-        rows.append(row)
-        result["timings"] = rows
-        save()
-      print_table(rows, bw)
+        return row
+      time_shapes(shapes or default_shapes, full_row)
   except Exception:  # noqa: BLE001
     result["fatal"] = traceback.format_exc()
     log(result["fatal"])

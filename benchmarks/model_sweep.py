@@ -396,7 +396,8 @@ def main() -> None:
   parser.add_argument("--cache_dir", default="/tmp/dig_jax_model_sweep_cache")
   parser.add_argument("--tag", default="", help="suffix of the output file name")
   parser.add_argument("--repeats", type=int, default=1,
-                      help="run every cell this many times, round-robin, each compiled afresh (implies --jobs=0)")
+                      help="run every cell this many times, round-robin, each compiled afresh "
+                           "(implies --jobs=0)")
   parser.add_argument("--profile", action="store_true",
                       help="trace the --extra cells instead (trace_summary)")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -449,6 +450,11 @@ def main() -> None:
     log(f"pre-compiled {len(runnable)} cells in {time.time() - t0:.0f} s")
 
   results: list[dict[str, Any]] = []
+
+  def save(**extra: Any) -> None:  # after every cell, so a sweep cut short keeps its finished cells
+    with open(out_path, "w", encoding="utf-8") as f:
+      json.dump(dict(environment=env, card=card, batch_sizes=BATCH, results=results, **extra), f, indent=1)
+
   for repeat, c in [(i, c) for i in range(args.repeats) for c in cells]:
     if c["attention"] == "cudnn" and c["precision"] == "fp32":
       if repeat == 0:
@@ -461,10 +467,7 @@ def main() -> None:
     results.append(r)
     log(f"[{time.time() - start:5.0f}s] {r['label']:34s} {r['px']:5d} B{r['batch']:<3d} {r['precision']} "
         f"{fmt_cell(r)}" + (f"  {r.get('error', '')[:200]}" if r["status"] not in ("ok", "oom") else ""))
-    with open(out_path, "w", encoding="utf-8") as f:
-      json.dump(dict(environment=env, card=card, batch_sizes=BATCH, results=results), f, indent=1)
-  with open(out_path, "w", encoding="utf-8") as f:
-    json.dump(dict(environment=env, card=card, batch_sizes=BATCH, results=results), f, indent=1)
+    save()
   print_table(results, log)
   if args.repeats > 1:
     summary = summarize_repeats(results)
@@ -472,9 +475,9 @@ def main() -> None:
     for s in summary:
       spread = (f"{s['median']:9.2f} [{s['min']:.2f}, {s['max']:.2f}]" if s["runs"] else "no run ok")
       log(f"  {s['label']:34s} {s['px']:5d} B{s['batch']:<3d} {s['precision']}  {spread} ({s['runs']})")
-    with open(out_path, "w", encoding="utf-8") as f:
-      json.dump(dict(environment=env, card=card, batch_sizes=BATCH, results=results, repeats=summary), f,
-                indent=1)
+    save(repeats=summary)
+  else:
+    save()
   with open(os.path.join(args.out_dir, f"model_sweep_{card}{args.tag}.log"), "w", encoding="utf-8") as f:
     f.write("\n".join(log_lines) + "\n")
 

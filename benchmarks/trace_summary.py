@@ -91,15 +91,15 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 45) -> dict[
         return names[variant]
     return ""
 
+  categories = {key: category(op_name(key)) for key in per_op}
   by_cat: dict[str, float] = collections.Counter()
   kernels_by_cat: dict[str, int] = collections.Counter()
   for key, us in per_op.items():
-    by_cat[category(op_name(key))] += us
-    kernels_by_cat[category(op_name(key))] += calls[key]
+    by_cat[categories[key]] += us
+    kernels_by_cat[categories[key]] += calls[key]
   scale = 1e-3 / steps  # us over `steps` steps -> ms per step
   ranked = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
-  other = sorted(((k, v) for k, v in per_op.items() if category(op_name(k)) == "other"),
-                 key=lambda kv: -kv[1])
+  other = sorted(((k, v) for k, v in per_op.items() if categories[k] == "other"), key=lambda kv: -kv[1])
   return {
       "total_ms": sum(per_op.values()) * scale,
       "by_category_ms": {k: v * scale for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
