@@ -40,6 +40,9 @@ Key map, ours -> torch ("linear": our kernel [in, *out] is the torch weight [pro
   final_layer/linear, adaln_modulation      final_layer.linear, final_layer.adaLN_modulation.1 (linear)
 NCHW <-> NHWC needs nothing else: patch features are (p_row, p_col, channel) on both sides once the conv
 weight is permuted, and the final linear's outputs are (p, q, c), as the official unpatchify reads them.
+With `model.stack_blocks` the block parameters are stacked (blocks/... [depth, ...]); the key map above is
+applied to the per-block layout and the blocks are stacked / unstacked around it. A run may start from an
+`import` folder written with either layout (`load_imported` converts).
 
 Deviations: training checkpoints give "ema" by default (which="model" for the raw weights); DDP `module.` and
 torch.compile `_orig_mod.` prefixes are stripped; a DiT with norm="rmsnorm" (no official model) exports its
@@ -69,6 +72,7 @@ from flax import nnx
 
 from dig_jax import torch_files
 from dig_jax.models import create_model, model_config_for, resolve_model_config
+from dig_jax.models.backbone import stack_block_params, unstack_block_params
 from dig_jax.models.embeddings import sincos_2d_table
 from dig_jax.torch_files import CheckpointFormatError
 
@@ -209,15 +213,28 @@ def _pure(model_or_state: Any) -> Mapping[Any, Any]:
   raise TypeError(f"expected an nnx model, nnx.State or a pure dict of arrays; got {type(model_or_state)}")
 
 
+def _values(tree: Mapping[Any, Any]) -> Any:
+  """Nested dict with Variables (if any) replaced by their values."""
+  return jax.tree.map(lambda x: x.get_value() if isinstance(x, nnx.Variable) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def abstract_state(model_config: ml_collections.ConfigDict | Mapping[str, Any]) -> nnx.State:
   """The model's state with ShapeDtypeStructs (nothing allocated)."""
   cfg = resolve_model_config(model_config)
   return nnx.state(nnx.eval_shape(lambda: create_model(cfg, rngs=nnx.Rngs(0))))
 
 
+def _per_block(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same model with one parameter set per block (the layout the key map is written for)."""
+  return resolve_model_config({**cfg.to_dict(), "stack_blocks": False})
+
+
 def _layout_and_shapes(cfg: ml_collections.ConfigDict) -> tuple[list[Entry], dict[str, Any]]:
+  """The key map and our per-block-layout shapes {path: ShapeDtypeStruct} (whatever cfg.stack_blocks is)."""
   layout = official_layout(cfg)
-  shapes = {path: leaf for path, (_, leaf) in _flatten(nnx.to_pure_dict(abstract_state(cfg))).items()}
+  per_block = nnx.to_pure_dict(abstract_state(_per_block(cfg)))
+  shapes = {path: leaf for path, (_, leaf) in _flatten(per_block).items()}
   covered = {e.ours for e in layout}
   if covered != set(shapes):  # The table above and models/ disagree: a bug here, not bad input.
     raise RuntimeError(
@@ -298,14 +315,14 @@ def import_official(state_dict: Mapping[str, Any],
     parts.append("  (wrong model name, input size, num_classes, learn_sigma, dwconv or norm? "
                  "infer_config_overrides(state_dict, patch_size) reads all but the name from the checkpoint)")
     raise ValueError("\n".join(parts))
-  state = abstract_state(cfg)
-  pure = nnx.to_pure_dict(state)
+  pure = nnx.to_pure_dict(abstract_state(_per_block(cfg)))
   for path, (keys, _) in _flatten(pure).items():
     node = pure
     for key in keys[:-1]:
       node = node[key]
     node[keys[-1]] = jnp.asarray(values[path])
-  nnx.replace_by_pure_dict(state, pure)
+  state = abstract_state(cfg)
+  nnx.replace_by_pure_dict(state, stack_block_params(pure, cfg.depth) if cfg.stack_blocks else pure)
   return state
 
 
@@ -370,7 +387,10 @@ def export_official(
     model_config = model_or_state.config
   cfg = resolve_model_config(model_config)
   layout, shapes = _layout_and_shapes(cfg)
-  flat = {path: leaf for path, (_, leaf) in _flatten(_pure(model_or_state)).items()}
+  tree = _pure(model_or_state)
+  if cfg.stack_blocks and "blocks" in tree:
+    tree = unstack_block_params(_values(tree))
+  flat = {path: leaf for path, (_, leaf) in _flatten(tree).items()}
   if "pos_embed" not in flat:
     rows, cols = (cfg.input_size,) * 2 if isinstance(cfg.input_size, int) else cfg.input_size
     flat["pos_embed"] = sincos_2d_table(cfg.hidden_size, rows // cfg.patch_size,
@@ -559,10 +579,32 @@ def load_imported(folder: str | os.PathLike[str], model_config: Any, abstract_pa
         + ", ".join(f"{name} {theirs[name]!r} (run: {ours[name]!r})" for name in differing)
         + f". Match it with: {wanted}")
   try:
-    return _restore_imported(folder, abstract_params, abstract_model_state)
+    if theirs.stack_blocks == ours.stack_blocks:
+      return _restore_imported(folder, abstract_params, abstract_model_state)
+    return _restore_other_layout(folder, theirs, abstract_params, abstract_model_state)
   except Exception as e:  # orbax raises many types for unreadable data
     raise RuntimeError(f"could not load the parameters in {params_path} ({type(e).__name__}: "
                        f"{str(e)[:300]}); re-run `python -m dig_jax.convert import`") from e
+
+
+def _restore_other_layout(folder: str, theirs: ml_collections.ConfigDict, abstract_params: Any,
+                          abstract_model_state: Any) -> tuple[Any, Any]:
+  """Restores a folder whose blocks are (un)stacked unlike the run's, then converts and places the arrays.
+
+  The folder's arrays are restored replicated on the run's mesh, (un)stacked, then put on the run's shardings.
+  """
+  their_params, their_rest = nnx.split_state(abstract_state(theirs), nnx.Param, ...)
+  run_sharding = jax.tree.leaves(abstract_params)[0].sharding
+  replicated = (jax.sharding.NamedSharding(run_sharding.mesh, jax.sharding.PartitionSpec())
+                if isinstance(run_sharding, jax.sharding.NamedSharding) else run_sharding)
+  as_target = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), nnx.to_pure_dict(tree))
+  params, rest = _restore_imported(folder, as_target(their_params), as_target(their_rest))
+  params = (unstack_block_params(params) if theirs.stack_blocks
+            else stack_block_params(params, theirs.depth))
+  place = lambda values, targets: jax.tree.map(  # noqa: E731
+      lambda v, t: jax.device_put(jnp.asarray(v, t.dtype), t.sharding), values, targets)
+  return place(params, abstract_params), place(rest, abstract_model_state)
 
 
 def _load_workdir(workdir: str, step: int | None) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:

@@ -185,7 +185,11 @@ def load_config(workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} not found: --workdir must be a training workdir (written by "
                             "dig_jax.main).")
   with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = json.load(f)
+  model = config.get("model")
+  if isinstance(model, dict) and "stack_blocks" not in model:
+    model["stack_blocks"] = False  # written before the field existed: blocks were stored one by one
+  return ml_collections.ConfigDict(config)
 
 
 def abstract_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: sharding.Rules):

@@ -1,9 +1,9 @@
 """Device mesh, logical-axis rules and the shardings of parameters, optimizer state and batches.
 
 Everything that knows about physical devices lives here. The models tag each parameter with *logical* axis
-names (``embed``, ``mlp``, ``heads``, ``classes``, ``patch``, ``gate_rank``, ``conv``, ``modulation`` or
-``None``) in their NNX ``out_sharding`` metadata; a config maps those names to *mesh* axes, so the same model
-runs data-parallel, FSDP or tensor-parallel by changing two config fields:
+names (``embed``, ``mlp``, ``heads``, ``classes``, ``patch``, ``gate_rank``, ``conv``, ``modulation``,
+``layers`` (stacked blocks) or ``None``) in their NNX ``out_sharding`` metadata; a config maps those names to
+*mesh* axes, so the same model runs data-parallel, FSDP or tensor-parallel by changing two config fields:
 
 - ``config.mesh``: a list of ``(axis_name, size)`` pairs, one size may be -1 ("all remaining devices"), e.g.
   ``[("data", -1), ("fsdp", 1), ("tensor", 1), ("context", 1)]``. The mesh is built with ``jax.make_mesh`` and
@@ -46,6 +46,7 @@ DEFAULT_RULES: Rules = (
     ("gate_rank", None),
     ("conv", None),
     ("modulation", None),
+    ("layers", None),
 )
 _SHARDING_METADATA_KEYS = ("out_sharding", "sharding_names", "sharding")
 

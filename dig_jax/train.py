@@ -139,6 +139,21 @@ def _check_config(config: ml_collections.ConfigDict, data_info: dict[str, Any]) 
     raise ValueError(f"config.ema_decay must be in [0, 1], got {config.ema_decay}.")
 
 
+def _check_resumable_layout(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir's checkpoints hold per-block or stacked block parameters; resuming needs the same layout."""
+  if not (os.path.exists(os.path.join(workdir, "config.json")) and
+          os.path.isdir(checkpointing.checkpoint_dir(workdir))):
+    return
+  saved = sample_lib.load_config(workdir).get("model")
+  if saved is None or "stack_blocks" not in saved or "stack_blocks" not in config.model:
+    return
+  if bool(saved.stack_blocks) != bool(config.model.stack_blocks):
+    raise ValueError(
+        f"{workdir} holds a run with model.stack_blocks={saved.stack_blocks} (block parameters "
+        f"{'stacked' if saved.stack_blocks else 'stored per block'}); resume it with "
+        f"--config.model.stack_blocks={saved.stack_blocks}, or start a new workdir")
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -231,6 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   train_iter = input_pipeline.create_train_iterator(config.input, seed=int(config.seed))
   _check_config(config, train_iter.info)
+  _check_resumable_layout(config, workdir)
   _write_config(config, workdir)
   num_steps, log_every = int(config.num_train_steps), int(config.log_every_steps)
   tx, lr_schedule = optim.create_optimizer(config.optim, num_steps)

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -306,6 +307,36 @@ def test_export_import_round_trip_is_exact(name, extra, tmp_path):
     np.testing.assert_array_equal(value, want[p], err_msg=p)
 
 
+def test_stacked_and_per_block_layouts_convert_to_the_same_official_weights(tmp_path):
+  """export/import with stacked blocks (the default) agree with the per-block layout, and an `import` folder
+  of either layout starts a run of the other (load_imported restacks onto the run's shardings)."""
+  per_block = _random_model(_config(depth=3, stack_blocks=False), seed=6)
+  stacked_cfg = _config(depth=3)
+  sd = convert.export_official(per_block)
+  stacked_state = convert.import_official(sd, stacked_cfg)
+  q = np.asarray(stacked_state["blocks"]["attn"]["q_proj"]["kernel"].get_value())
+  assert q.shape == (3, 64, 32)
+  np.testing.assert_array_equal(q[2], np.asarray(per_block.blocks[2].attn.q_proj.kernel.get_value()))
+  back = convert.export_official(stacked_state, stacked_cfg)
+  assert list(back) == list(sd)
+  for key in sd:
+    np.testing.assert_array_equal(back[key], sd[key], err_msg=key)
+  source = tmp_path / "official.safetensors"
+  convert.save_torch_state_dict(sd, source)
+  folder = tmp_path / "imported_per_block"
+  convert.main(["import", f"--checkpoint={source}", "--model=DiG-S/2", f"--out={folder}",
+                '--overrides={"depth": 3, "hidden_size": 64, "num_heads": 2, "stack_blocks": false}'])
+  abstract_params, abstract_rest = nnx.split_state(convert.abstract_state(stacked_cfg), nnx.Param, ...)
+  mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  as_target = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), nnx.to_pure_dict(tree))
+  params, _ = convert.load_imported(folder, stacked_cfg, as_target(abstract_params), as_target(abstract_rest))
+  restored = params["blocks"]["attn"]["q_proj"]["kernel"]
+  assert restored.sharding == sharding
+  np.testing.assert_array_equal(np.asarray(restored), q)
+
+
 def test_export_of_a_train_state_pure_dict_rebuilds_pos_embed():
   cfg = _config(depth=1)
   model = _random_model(cfg)
@@ -487,7 +518,7 @@ def test_torch_reader_agrees_and_torch_convolutions_confirm_the_layouts(tmp_path
   for key in by_us:
     assert by_torch[key].dtype == by_us[key].dtype
     np.testing.assert_array_equal(by_torch[key], by_us[key])
-  model = _random_model(_config(depth=1), seed=2)
+  model = _random_model(_config(depth=1, stack_blocks=False), seed=2)  # blocks[0] is a block of its own
   sd = convert.export_official(model)
   x = np.random.default_rng(0).normal(size=(2, 4, 8, 8)).astype(np.float32)
   conv = torch.nn.functional.conv2d(torch.from_numpy(x),

@@ -21,6 +21,7 @@ from configs import common
 
 from dig_jax import checkpointing, input_pipeline, metric_writers, models, optim, train
 from dig_jax import diffusion as diffusion_lib
+from dig_jax import sample as sample_lib
 
 MESH = (("data", -1), ("fsdp", 2), ("tensor", 1), ("context", 1))
 
@@ -124,6 +125,29 @@ def test_resumed_run_equals_uninterrupted_run(runs):
   # ...and the step did train: step 3 differs from step 2.
   before, after = flat(read_state(runs["resumed"], 2)["params"]), flat(resumed["params"])
   assert any(not np.array_equal(before[k], after[k]) for k in after)
+
+
+def test_resuming_with_the_other_block_layout_is_one_clear_error_and_keeps_the_workdir(runs, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(runs["straight"], workdir)
+  config_path = os.path.join(workdir, "config.json")
+  with open(config_path, encoding="utf-8") as f:
+    saved_text = f.read()
+  assert json.loads(saved_text)["model"]["stack_blocks"] is True  # the default layout
+  config = tiny_config(4).unlock()
+  config.model.stack_blocks = False
+  with pytest.raises(ValueError, match=r"--config\.model\.stack_blocks=True"):
+    train.train_and_evaluate(config, workdir)
+  with open(config_path, encoding="utf-8") as f:
+    assert f.read() == saved_text  # nothing overwritten
+  # A workdir written before the field existed stored its blocks one by one.
+  old = json.loads(saved_text)
+  del old["model"]["stack_blocks"]
+  with open(config_path, "w", encoding="utf-8") as f:
+    json.dump(old, f)
+  assert sample_lib.load_config(workdir).model.stack_blocks is False
+  with pytest.raises(ValueError, match=r"--config\.model\.stack_blocks=False"):
+    train.train_and_evaluate(tiny_config(4), workdir)
 
 
 def test_ema_follows_the_decay_rule(runs):

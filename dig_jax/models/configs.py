@@ -72,6 +72,8 @@ def default_fields() -> dict[str, Any]:
       norm="layernorm",
       dtype="float32",
       remat="none",
+      stack_blocks=True,
+      scan_unroll=0,
       cfg_channels=3,
   )
 
@@ -156,8 +158,12 @@ def resolve_model_config(config: ml_collections.ConfigDict | Mapping[str, Any]) 
   out_channels = fields["in_channels"] * (2 if fields["learn_sigma"] else 1)
   if not 0 <= fields["cfg_channels"] <= out_channels:
     raise ValueError(f"cfg_channels must be in [0, {out_channels}]; got {fields['cfg_channels']}")
-  if not isinstance(fields["gla_fused_proj"], bool):
-    raise ValueError(f"gla_fused_proj must be True or False; got {fields['gla_fused_proj']!r}")
+  for key in ("gla_fused_proj", "stack_blocks"):
+    if not isinstance(fields[key], bool):
+      raise ValueError(f"{key} must be True or False; got {fields[key]!r}")
+  if not isinstance(fields["scan_unroll"], int) or isinstance(fields["scan_unroll"], bool) or (
+      fields["scan_unroll"] < 0):
+    raise ValueError(f"scan_unroll must be an int >= 0 (0: fully unrolled); got {fields['scan_unroll']!r}")
   if fields["mlp_ratio"] <= 0:
     raise ValueError(f"mlp_ratio must be > 0; got {fields['mlp_ratio']}")
   return ml_collections.ConfigDict(fields)

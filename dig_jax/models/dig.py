@@ -11,7 +11,9 @@ followed, in the model loop, by SREM's scan-order change (flip after every block
 `srem.py`). norm = LayerNorm without affine, eps 1e-6 (or fla's RMSNorm with `norm="rmsnorm"`, the
 `if_rms_norm` option; the final layer's norm stays a LayerNorm either way, as in the code).
 
-Block parameter paths (i = block index; Dense kernels [in, out] = torch weight transposed):
+Block parameter paths (i = block index; Dense kernels [in, out] = torch weight transposed), written per
+block (blocks/i/..., the layout with model.stack_blocks=False); with stacked blocks (the default) the same
+leaves sit at blocks/... with a leading [depth] axis (backbone.py):
   blocks/i/adaln_modulation/{kernel [D, 6D], bias [6D]}  torch blocks.i.adaLN_modulation.1
   blocks/i/attn/...                                      torch blocks.i.attn.* (see gla_attention.py)
   blocks/i/mlp/gate_proj/kernel [D, 2, I]                torch gate_proj.weight [2I, D] .T.reshape(D, 2, I)
@@ -36,7 +38,8 @@ import ml_collections
 from flax import nnx
 
 from dig_jax.models import srem
-from dig_jax.models.backbone import DiffusionBackbone, maybe_remat
+from dig_jax.models.backbone import (DiffusionBackbone, create_stacked_blocks, maybe_remat,
+                                     run_stacked_blocks)
 from dig_jax.models.gla_attention import GatedLinearAttention
 from dig_jax.models.layers import SwiGLU, adaln_modulation, make_norm, modulate
 
@@ -81,17 +84,38 @@ class DiG(DiffusionBackbone):
     super().__init__(config, rngs=rngs)
     if self.config.arch != "dig":
       raise ValueError(f"DiG built from a config with arch={self.config.arch!r}")
-    self.blocks = nnx.List([DiGBlock(self.config, rngs=rngs, dtype=self.dtype)
-                            for _ in range(self.config.depth)])
+    make_block = lambda block_rngs: DiGBlock(self.config, rngs=block_rngs, dtype=self.dtype)  # noqa: E731
+    if self.config.stack_blocks:
+      self.blocks = create_stacked_blocks(make_block, self.config.depth, rngs)
+    else:
+      self.blocks = nnx.List([make_block(rngs) for _ in range(self.config.depth)])
 
   def _run_blocks(self, tokens: jax.Array, c: jax.Array) -> jax.Array:
-    schedule = self.config.scan_schedule
-    _, final_order, grids = srem.block_scan_orders(len(self.blocks), self.grid, schedule)
+    cfg = self.config
+    schedule = cfg.scan_schedule
+    _, final_order, grids = srem.block_scan_orders(cfg.depth, self.grid, schedule)
+    if cfg.stack_blocks:
+      # Block i sees grids[i] and is followed by the reorientation of block i mod period: one step per
+      # position in the schedule's repeating unit.
+      period = min(srem.schedule_period(schedule, self.grid), cfg.depth)
+      assert all(grids[i] == grids[i % period] for i in range(cfg.depth)), (grids, period)
+      steps = [_block_step(grids[k], k, schedule) for k in range(period)]
+      tokens = run_stacked_blocks(self.blocks, tokens, c, steps, remat=cfg.remat, unroll=cfg.scan_unroll)
+      return srem.restore_raster(tokens, final_order)
     for i, block in enumerate(self.blocks):
       tokens = maybe_remat(_block_call(grids[i]), self.config.remat)(block, tokens, c)
       with jax.named_scope("reorient"):
         tokens, _ = srem.reorient_after_block(tokens, grids[i], i, schedule)
     return srem.restore_raster(tokens, final_order)
+
+
+def _block_step(grid: srem.Grid, position: int, schedule: str):
+  """Stacked-blocks step: the block on `grid`, then the reorientation that follows block `position`."""
+  def step(block: DiGBlock, x: jax.Array, c: jax.Array) -> jax.Array:
+    x = block(x, c, grid)
+    with jax.named_scope("reorient"):
+      return srem.reorient_after_block(x, grid, position, schedule)[0]
+  return step
 
 
 def _block_call(grid: srem.Grid):

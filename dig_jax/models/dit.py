@@ -6,7 +6,9 @@ xavier_uniform on every Linear (bias 0) except the zero-initialised adaLN / fina
 t-embedder. Attention runs through `jax.nn.dot_product_attention` (`attention_impl`: "xla", "cudnn" (needs
 bf16/fp16 on an NVIDIA GPU) or "auto" = let JAX choose).
 
-Block parameter paths (Dense kernels [in, out] = torch weight transposed):
+Block parameter paths (Dense kernels [in, out] = torch weight transposed). Written per block (blocks/i/...,
+the layout with model.stack_blocks=False); with stacked blocks (the default) the same leaves sit at blocks/...
+with a leading [depth] axis (backbone.py):
   blocks/i/adaln_modulation/{kernel [D, 6D], bias [6D]}   torch blocks.i.adaLN_modulation.1
   blocks/i/attn/qkv/{kernel [D, 3, D], bias [3, D]}       torch attn.qkv.weight [3D, D] .T.reshape(D, 3, D)
   blocks/i/attn/proj/{kernel [D, D], bias [D]}
@@ -23,7 +25,8 @@ import ml_collections
 from flax import nnx
 
 from dig_jax.models import partitioning as pt
-from dig_jax.models.backbone import DiffusionBackbone, maybe_remat
+from dig_jax.models.backbone import (DiffusionBackbone, create_stacked_blocks, maybe_remat,
+                                     run_stacked_blocks)
 from dig_jax.models.layers import Dense, GeluMLP, adaln_modulation, make_norm, modulate
 
 _ATTENTION_IMPLS = {"xla": "xla", "cudnn": "cudnn", "auto": None}
@@ -82,10 +85,16 @@ class DiT(DiffusionBackbone):
     super().__init__(config, rngs=rngs)
     if self.config.arch != "dit":
       raise ValueError(f"DiT built from a config with arch={self.config.arch!r}")
-    self.blocks = nnx.List([DiTBlock(self.config, rngs=rngs, dtype=self.dtype)
-                            for _ in range(self.config.depth)])
+    make_block = lambda block_rngs: DiTBlock(self.config, rngs=block_rngs, dtype=self.dtype)  # noqa: E731
+    if self.config.stack_blocks:
+      self.blocks = create_stacked_blocks(make_block, self.config.depth, rngs)
+    else:
+      self.blocks = nnx.List([make_block(rngs) for _ in range(self.config.depth)])
 
   def _run_blocks(self, tokens: jax.Array, c: jax.Array) -> jax.Array:
+    if self.config.stack_blocks:
+      return run_stacked_blocks(self.blocks, tokens, c, [lambda blk, x, cond: blk(x, cond)],
+                                remat=self.config.remat, unroll=self.config.scan_unroll)
     call = maybe_remat(lambda blk, x, cond: blk(x, cond), self.config.remat)
     for block in self.blocks:
       tokens = call(block, tokens, c)

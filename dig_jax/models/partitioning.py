@@ -29,7 +29,8 @@ PATCH = "patch"            # patch-embedding input features (p*p*C)
 GATE_RANK = "gate_rank"    # the 16-dim low-rank forget-gate bottleneck
 CONV = "conv"              # depthwise-conv kernel taps
 MODULATION = "modulation"  # the 6D / 2D adaLN outputs
-LOGICAL_AXIS_NAMES = (EMBED, MLP, HEADS, CLASSES, PATCH, GATE_RANK, CONV, MODULATION)
+LAYERS = "layers"          # the block axis of stacked block parameters (model.stack_blocks)
+LOGICAL_AXIS_NAMES = (EMBED, MLP, HEADS, CLASSES, PATCH, GATE_RANK, CONV, MODULATION, LAYERS)
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 Axes = tuple[str | None, ...]

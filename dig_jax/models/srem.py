@@ -52,6 +52,17 @@ def reorient_after_block(x, grid: Grid, block_index: int, schedule: str):
   return x, grid
 
 
+def schedule_period(schedule: str, grid: Grid) -> int:
+  """How many consecutive blocks form the schedule's repeating unit (what a stacked-blocks scan groups).
+
+  "flip" and "causal" do the same after every block (1); "crisscross" transposes after odd blocks, so pairs
+  repeat on a square grid (2) and, since each transpose swaps a non-square grid's shape, quadruples otherwise.
+  """
+  if schedule != "crisscross":
+    return 1
+  return 2 if grid[0] == grid[1] else 4
+
+
 def block_scan_orders(depth: int, grid: Grid, schedule: str
                       ) -> tuple[list[np.ndarray], np.ndarray, list[Grid]]:
   """Static bookkeeping of the schedule.

@@ -80,21 +80,25 @@ def _check_axes(model):
 def test_every_parameter_has_allowed_logical_axes():
   dig = _check_axes(abstract("DiG-S/2", depth=2, hidden_size=64, num_heads=2, input_size=8, norm="rmsnorm"))
   dit = _check_axes(abstract("DiT-S/2", depth=1, hidden_size=64, num_heads=2, input_size=8))
-  assert dig["blocks/1/attn/q_proj/kernel"] == ("embed", "heads")
-  assert dig["blocks/1/attn/o_proj/kernel"] == ("heads", "embed")
-  assert dig["blocks/1/attn/gk_proj_down/kernel"] == ("embed", "gate_rank")
-  assert dig["blocks/1/mlp/gate_proj/kernel"] == ("embed", None, "mlp")
-  assert dig["blocks/1/dw_conv/kernel"] == ("conv", "conv", None, "embed")
-  assert dig["blocks/1/adaln_modulation/kernel"] == ("embed", "modulation")
-  assert dig["blocks/1/norm1/weight"] == ("embed",)
+  # Stacked blocks (the default): every block parameter leads with the "layers" axis.
+  assert dig["blocks/attn/q_proj/kernel"] == ("layers", "embed", "heads")
+  assert dig["blocks/attn/o_proj/kernel"] == ("layers", "heads", "embed")
+  assert dig["blocks/attn/gk_proj_down/kernel"] == ("layers", "embed", "gate_rank")
+  assert dig["blocks/mlp/gate_proj/kernel"] == ("layers", "embed", None, "mlp")
+  assert dig["blocks/dw_conv/kernel"] == ("layers", "conv", "conv", None, "embed")
+  assert dig["blocks/adaln_modulation/kernel"] == ("layers", "embed", "modulation")
+  assert dig["blocks/norm1/weight"] == ("layers", "embed")
+  per_block = _check_axes(abstract("DiG-S/2", depth=2, hidden_size=64, num_heads=2, input_size=8,
+                                   stack_blocks=False))
+  assert per_block["blocks/1/attn/q_proj/kernel"] == ("embed", "heads")
   assert dig["x_embedder/proj/kernel"] == ("patch", "embed")
   assert dig["y_embedder/embedding_table"] == ("classes", "embed")
-  assert dit["blocks/0/attn/qkv/kernel"] == ("embed", None, "heads")
-  assert dit["blocks/0/mlp/fc1/kernel"] == ("embed", "mlp")
+  assert dit["blocks/attn/qkv/kernel"] == ("layers", "embed", None, "heads")
+  assert dit["blocks/mlp/fc1/kernel"] == ("layers", "embed", "mlp")
   # flax's own reader returns the same logical names (no rules active).
   spec = nnx.get_partition_spec(nnx.state(abstract("DiT-S/2", depth=1, hidden_size=64, num_heads=2,
                                                    input_size=8)))
-  assert spec["blocks"][0]["mlp"]["fc1"]["kernel"].get_value() == P("embed", "mlp")
+  assert spec["blocks"]["mlp"]["fc1"]["kernel"].get_value() == P("layers", "embed", "mlp")
 
 
 def test_pos_embed_is_a_frozen_variable_not_a_param():
@@ -110,13 +114,13 @@ def test_pos_embed_is_a_frozen_variable_not_a_param():
 def test_abstract_model_under_a_mesh_and_rules_is_sharded_by_logical_names():
   mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   rules = (("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("classes", None), ("patch", None),
-           ("gate_rank", None), ("conv", None), ("modulation", "tensor"))
-  cfg = model_config_for("DiG-S/2", depth=1, hidden_size=64, num_heads=2, input_size=8)
+           ("gate_rank", None), ("conv", None), ("modulation", "tensor"), ("layers", None))
+  cfg = model_config_for("DiG-S/2", depth=2, hidden_size=64, num_heads=2, input_size=8)
   with nnx.logical_axis_rules(rules):  # eval_shape under a mesh: eager sharding runs, nothing is allocated.
     _, state = nnx.get_abstract_model(lambda: create_model(cfg, rngs=nnx.Rngs(0)), mesh)
-  attn = state["blocks"][0]["attn"]
-  assert attn["q_proj"]["kernel"].get_value().sharding.spec == P("fsdp", "tensor")
-  assert attn["o_proj"]["kernel"].get_value().sharding.spec == P("tensor", "fsdp")
-  assert state["blocks"][0]["dw_conv"]["kernel"].get_value().sharding.spec == P(None, None, None, "fsdp")
-  gate_proj = state["blocks"][0]["mlp"]["gate_proj"]["kernel"].get_value()
-  assert gate_proj.sharding.spec == P("fsdp", None, "tensor")
+  attn = state["blocks"]["attn"]
+  assert attn["q_proj"]["kernel"].get_value().sharding.spec == P(None, "fsdp", "tensor")
+  assert attn["o_proj"]["kernel"].get_value().sharding.spec == P(None, "tensor", "fsdp")
+  assert state["blocks"]["dw_conv"]["kernel"].get_value().sharding.spec == P(None, None, None, None, "fsdp")
+  gate_proj = state["blocks"]["mlp"]["gate_proj"]["kernel"].get_value()
+  assert gate_proj.shape == (2, 64, 2, 256) and gate_proj.sharding.spec == P(None, "fsdp", None, "tensor")
