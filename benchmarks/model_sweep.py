@@ -56,7 +56,8 @@ def cell(model: str, px: int, precision: str, *, batch: int | None = None, atten
   run; it measures what those metrics cost); diag="norms_every_step": the norms on every step, as `train_step`
   computed them before they moved to logged steps only (every other cell: every 100th step, as the loop logs);
   diag="flat_optim": AdamW wrapped in `optax.flatten` (one update over a concatenated vector instead of one
-  per parameter leaf).
+  per parameter leaf); diag="no_barrier": `train_step` without the optimization barrier that keeps XLA from
+  hoisting the log-step norms into every step's optimizer fusions.
   """
   is_dig = model.startswith("DiG")
   label = model + ("" if is_dig else f"-{attention}")
@@ -86,6 +87,11 @@ def sweep_cells(quick: bool) -> list[dict[str, Any]]:
       cells.append(cell("DiG-XL/2", px, "bf16"))
       cells.append(cell("DiT-XL/2", px, "bf16", attention="cudnn"))
   return cells
+
+
+def _suffix(tag: str) -> str:
+  """"--tag 256_x" -> "_256_x" (the file names read model_sweep_<card>_<tag>)."""
+  return tag if not tag or tag.startswith("_") else "_" + tag
 
 
 def extra_cells(spec: str) -> list[dict[str, Any]]:
@@ -135,6 +141,8 @@ def _build(spec: dict[str, Any]):
   if spec.get("diag") == "nonorm":  # diagnostic only: what the per-leaf norm metrics cost
     import optax
     optax.tree.norm = lambda tree, *a, **k: jnp.zeros((), jnp.float32)
+  if spec.get("diag") == "no_barrier":  # diagnostic: the log-step norms without train_step's barrier
+    jax.lax.optimization_barrier = lambda tree: tree
   latent = spec["px"] // 8
   overrides = dict(input_size=latent, in_channels=4, num_classes=1000, learn_sigma=True,
                    dtype="bfloat16" if spec["precision"] == "bf16" else "float32", remat=spec["remat"])
@@ -394,7 +402,7 @@ def main() -> None:
   parser.add_argument("--deadline_s", type=float, default=540.0, help="start no cell after this many seconds")
   parser.add_argument("--cell_timeout_s", type=float, default=240.0)
   parser.add_argument("--cache_dir", default="/tmp/dig_jax_model_sweep_cache")
-  parser.add_argument("--tag", default="", help="suffix of the output file name")
+  parser.add_argument("--tag", default="", help="suffix of the output file name (after an underscore)")
   parser.add_argument("--repeats", type=int, default=1,
                       help="run every cell this many times, round-robin, each compiled afresh "
                            "(implies --jobs=0)")
@@ -415,7 +423,7 @@ def main() -> None:
   os.makedirs(args.out_dir, exist_ok=True)
   env = environment()
   card = card_slug(env["device_kind"])
-  out_path = os.path.join(args.out_dir, f"model_sweep_{card}{args.tag}.json")
+  out_path = os.path.join(args.out_dir, f"model_sweep_{card}{_suffix(args.tag)}.json")
   log_lines: list[str] = []
 
   def log(msg: str) -> None:
@@ -478,7 +486,8 @@ def main() -> None:
     save(repeats=summary)
   else:
     save()
-  with open(os.path.join(args.out_dir, f"model_sweep_{card}{args.tag}.log"), "w", encoding="utf-8") as f:
+  log_path = os.path.join(args.out_dir, f"model_sweep_{card}{_suffix(args.tag)}.log")
+  with open(log_path, "w", encoding="utf-8") as f:
     f.write("\n".join(log_lines) + "\n")
 
 
