@@ -1,4 +1,7 @@
-"""Test set-up: 8 fake CPU devices (before JAX initialises), no network, CPU only unless a GPU test asks."""
+"""Test set-up: 8 fake CPU devices (before JAX initialises), no network, CPU only unless a GPU test asks.
+
+DIG_TEST_GPU=1 on a GPU machine runs only the tests marked `gpu` (kernels compiled at real sizes).
+"""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -21,6 +24,13 @@ def _has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+  if os.environ.get("DIG_TEST_GPU") == "1":
+    # A GPU run: JAX's default backend is the GPU, so the CPU tests (8 fake CPU devices, exact fp32 matmuls
+    # where the GPU would use TF32) do not apply; they run in the plain CPU suite.
+    skip_cpu = pytest.mark.skip(reason="CPU test (8 fake CPU devices); run it without DIG_TEST_GPU=1")
+    for item in items:
+      if "gpu" not in item.keywords:
+        item.add_marker(skip_cpu)
   if _has_gpu():
     return
   skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (run with DIG_TEST_GPU=1 on a GPU machine)")

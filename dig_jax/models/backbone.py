@@ -6,8 +6,9 @@ stacked on a leading "layers" axis (paths blocks/..., each leaf [depth, ...]; `c
 by `run_stacked_blocks` with `jax.lax.scan` (fully unrolled by default, `model.scan_unroll`): the optimizer,
 EMA and gradient bookkeeping see ~15 large leaves instead of ~15 per block (maxtext's `scan_layers`), which
 measured 1.2-1.3x faster training steps for both DiG-S/2 and DiT-S/2 at 256 px on an H100
-(benchmarks/NOTES.md). Otherwise it is an `nnx.List` of blocks (paths blocks/i/...). The arithmetic is the
-same either way; `stack_block_params` / `unstack_block_params` move parameters between the two layouts.
+(benchmarks/NOTES.md), though ~30 % slower for the tiny demo model on a 2-core CPU (configs/demo.py).
+Otherwise it is an `nnx.List` of blocks (paths blocks/i/...). The arithmetic is the same either way;
+`stack_block_params` / `unstack_block_params` move parameters between the two layouts.
 
 Layout is JAX's NHWC: x [N, H, W, C] -> out [N, H, W, 2C] (learn_sigma: eps first, then the variance value)
 or [N, H, W, C]. The official code is NCHW; the converter transposes.
