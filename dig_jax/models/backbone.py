@@ -111,6 +111,14 @@ def maybe_remat(fn, remat: str, functional: bool = False):
 BlockStep = Callable[[nnx.Module, jax.Array, jax.Array], jax.Array]
 
 
+def create_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, stacked: bool, rngs: nnx.Rngs
+                  ) -> nnx.Module:
+  """`depth` blocks: stacked (`create_stacked_blocks`) or an `nnx.List` of independent blocks."""
+  if stacked:
+    return create_stacked_blocks(make_block, depth, rngs)
+  return nnx.List([make_block(rngs) for _ in range(depth)])
+
+
 def create_stacked_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs
                           ) -> nnx.Module:
   """`depth` independently initialised blocks as one module, every parameter with a leading "layers" axis."""

@@ -25,8 +25,7 @@ import ml_collections
 from flax import nnx
 
 from dig_jax.models import partitioning as pt
-from dig_jax.models.backbone import (DiffusionBackbone, create_stacked_blocks, maybe_remat,
-                                     run_stacked_blocks)
+from dig_jax.models.backbone import DiffusionBackbone, create_blocks, maybe_remat, run_stacked_blocks
 from dig_jax.models.layers import Dense, GeluMLP, adaln_modulation, make_norm, modulate
 
 _ATTENTION_IMPLS = {"xla": "xla", "cudnn": "cudnn", "auto": None}
@@ -85,11 +84,8 @@ class DiT(DiffusionBackbone):
     super().__init__(config, rngs=rngs)
     if self.config.arch != "dit":
       raise ValueError(f"DiT built from a config with arch={self.config.arch!r}")
-    make_block = lambda block_rngs: DiTBlock(self.config, rngs=block_rngs, dtype=self.dtype)  # noqa: E731
-    if self.config.stack_blocks:
-      self.blocks = create_stacked_blocks(make_block, self.config.depth, rngs)
-    else:
-      self.blocks = nnx.List([make_block(rngs) for _ in range(self.config.depth)])
+    self.blocks = create_blocks(lambda block_rngs: DiTBlock(self.config, rngs=block_rngs, dtype=self.dtype),
+                                self.config.depth, self.config.stack_blocks, rngs)
 
   def _run_blocks(self, tokens: jax.Array, c: jax.Array) -> jax.Array:
     if self.config.stack_blocks:
