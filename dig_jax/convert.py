@@ -387,9 +387,9 @@ def export_official(
     model_config = model_or_state.config
   cfg = resolve_model_config(model_config)
   layout, shapes = _layout_and_shapes(cfg)
-  tree = _pure(model_or_state)
+  tree = _values(_pure(model_or_state))
   if cfg.stack_blocks and "blocks" in tree:
-    tree = unstack_block_params(_values(tree))
+    tree = unstack_block_params(tree)
   flat = {path: leaf for path, (_, leaf) in _flatten(tree).items()}
   if "pos_embed" not in flat:
     rows, cols = (cfg.input_size,) * 2 if isinstance(cfg.input_size, int) else cfg.input_size
@@ -405,8 +405,7 @@ def export_official(
                      f"wrong shapes {wrong}")
   out = {}
   for entry in layout:
-    leaf = flat[entry.ours]
-    value = np.asarray(leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf)
+    value = np.asarray(flat[entry.ours])
     out[entry.torch_key] = np.array(_to_torch(entry.kind, value, cfg.patch_size), order="C")  # own, writable
   return out
 

@@ -148,10 +148,8 @@ def _check_resumable_layout(config: ml_collections.ConfigDict, workdir: str) -> 
   if not (os.path.exists(os.path.join(workdir, "config.json")) and
           os.path.isdir(checkpointing.checkpoint_dir(workdir))):
     return
-  saved = sample_lib.load_config(workdir).get("model")
-  if saved is None or "stack_blocks" not in saved or "stack_blocks" not in config.model:
-    return
-  if bool(saved.stack_blocks) != bool(config.model.stack_blocks):
+  saved = sample_lib.load_config(workdir).get("model")  # stack_blocks always set (False for old workdirs)
+  if saved is not None and saved.stack_blocks != models.resolve_model_config(config.model).stack_blocks:
     raise ValueError(
         f"{workdir} holds a run with model.stack_blocks={saved.stack_blocks} (block parameters "
         f"{'stacked' if saved.stack_blocks else 'stored per block'}); resume it with "

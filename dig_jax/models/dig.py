@@ -99,23 +99,18 @@ class DiG(DiffusionBackbone):
       tokens = run_stacked_blocks(self.blocks, tokens, c, steps, remat=cfg.remat, unroll=cfg.scan_unroll)
       return srem.restore_raster(tokens, final_order)
     for i, block in enumerate(self.blocks):
-      tokens = maybe_remat(_block_call(grids[i]), self.config.remat)(block, tokens, c)
-      with jax.named_scope("reorient"):
-        tokens, _ = srem.reorient_after_block(tokens, grids[i], i, schedule)
+      tokens = maybe_remat(_block_step(grids[i], i, schedule), cfg.remat)(block, tokens, c)
     return srem.restore_raster(tokens, final_order)
 
 
 def _block_step(grid: srem.Grid, position: int, schedule: str):
-  """Stacked-blocks step: the block on `grid`, then the reorientation that follows block `position`."""
+  """The block on `grid`, then the reorientation that follows block `position`.
+
+  The (static) grid is closed over, so `nnx.remat` / `jax.checkpoint` never trace it.
+  """
   def step(block: DiGBlock, x: jax.Array, c: jax.Array) -> jax.Array:
     x = block(x, c, grid)
     with jax.named_scope("reorient"):
       return srem.reorient_after_block(x, grid, position, schedule)[0]
   return step
 
-
-def _block_call(grid: srem.Grid):
-  """block(x, c) with the (static) grid closed over, so `nnx.remat` never traces it."""
-  def call(block: DiGBlock, x: jax.Array, c: jax.Array) -> jax.Array:
-    return block(x, c, grid)
-  return call

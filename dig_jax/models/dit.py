@@ -88,10 +88,11 @@ class DiT(DiffusionBackbone):
                                 self.config.depth, self.config.stack_blocks, rngs)
 
   def _run_blocks(self, tokens: jax.Array, c: jax.Array) -> jax.Array:
+    step = lambda blk, x, cond: blk(x, cond)  # noqa: E731
     if self.config.stack_blocks:
-      return run_stacked_blocks(self.blocks, tokens, c, [lambda blk, x, cond: blk(x, cond)],
-                                remat=self.config.remat, unroll=self.config.scan_unroll)
-    call = maybe_remat(lambda blk, x, cond: blk(x, cond), self.config.remat)
+      return run_stacked_blocks(self.blocks, tokens, c, [step], remat=self.config.remat,
+                                unroll=self.config.scan_unroll)
+    call = maybe_remat(step, self.config.remat)
     for block in self.blocks:
       tokens = call(block, tokens, c)
     return tokens
