@@ -13,7 +13,9 @@ device-to-device copy bandwidth (bytes read + written) as the HBM ceiling, then:
 - `parts`: each Pallas kernel alone under several tilings (`..._parts.json`); `grad`: gradient-kernel versions
   end to end; `sweep`: whole-pipeline configs; `short`: configs at DiG's short sequences (S/2 at 256 px:
   B=32, T=256; at 512 px: B=8, T=1024), where the op is latency-bound; `fp32`: fp32 inputs with IEEE vs
-  TF32 dots in the kernels (time, and error against the fp32 reference).
+  TF32 dots in the kernels (time, and error against the fp32 reference); `ktile`: K tiles of the
+  chunk-parallel kernels (`score_block_k`, `grad_block_k`) at wide heads, with fla (`--no_fla` skips it;
+  `--configs tuned` times only the tuned config; a sixth "fp32" field in a --shapes entry runs fp32 inputs).
 Timing = median over repeats of back-to-back calls after warm-up, rotating three input sets, synchronised with
 block_until_ready / torch.cuda.synchronize. Run `full` and `check` as separate processes with their own
 timeouts: compile and autotuning times (XLA's and fla's) vary a lot.
@@ -301,6 +303,7 @@ def bench_shape(b, t, h, dk, dv, impls: dict, fla_fn, bw: float, with_attention:
       row["ms"][name] = dict(fwd=fwd * 1e3, fwd_bwd=fb * 1e3, fwd_over_floor=fwd / floor_s)
     except Exception as e:  # noqa: BLE001
       row["ms"][name] = dict(error=f"{type(e).__name__}: {str(e)[:500]}")
+    log(f"  {name}: {row['ms'][name]}")
   if fla_fn is not None:
     try:
       fwd, fb = time_fla(fla_fn, sets)
@@ -391,13 +394,16 @@ SHORT_SWEEP = {
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--mode", default="full",
-                      choices=["full", "sweep", "check", "parts", "grad", "short", "fp32"])
+                      choices=["full", "sweep", "check", "parts", "grad", "short", "fp32", "ktile"])
   default_out = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
   parser.add_argument("--out", default=default_out)
   parser.add_argument("--shapes", default="")
-  parser.add_argument("--configs", default="", help="--mode short: comma-separated SHORT_SWEEP names")
+  parser.add_argument("--configs", default="", help="--mode short: comma-separated SHORT_SWEEP names; "
+                      "--mode ktile: 'tuned' times only the tuned config")
+  parser.add_argument("--no_fla", action="store_true", help="--mode ktile: skip fla (its autotuning is slow)")
   args = parser.parse_args()
-  shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")] if args.shapes else []
+  shapes = [tuple(int(x) if x.isdigit() else x for x in s.split(",")) for s in args.shapes.split(";")
+            if s] if args.shapes else []
   os.makedirs(args.out, exist_ok=True)
   result = dict(env=env_info(), mode=args.mode)
   log(json.dumps(result["env"], indent=1))
@@ -410,7 +416,7 @@ def main() -> None:
   slug = card_slug(result["env"]["device"])
 
   suffix = {"full": "", "check": "_check", "parts": "_parts", "sweep": "_sweep", "grad": "_grad",
-            "short": "_short", "fp32": "_fp32"}[args.mode]
+            "short": "_short", "fp32": "_fp32", "ktile": "_ktile"}[args.mode]
 
   def save():
     with open(os.path.join(args.out, f"gla_kernel_{slug}{suffix}.json"), "w") as fh:
@@ -449,6 +455,38 @@ def main() -> None:
         log("errors " + json.dumps(row["errors"]))
         return row
       time_shapes(shapes or ((32, 256, 6, 32, 64), (8, 4096, 6, 32, 64)), fp32_row)
+    elif args.mode == "ktile":  # K tiles of the chunk-parallel kernels at wide heads (64/64, 128/128)
+      def ktile_row(b, t, h, dk, dv, dtype=jnp.bfloat16):
+        tuned = gpu.tuned_config((b, t, h, dk), (b, t, h, dv), dtype=dtype)
+        # (score_block_k, grad_block_k) pairs; whole-K fp32 kernels at 128 did not finish compiling in 240 s
+        # (session 3), so fp32 rows try tiled ones only.
+        tiles = [(dk, dk), (32, dk), (dk, 32), (32, 32)] if dk <= 64 else [(dk, 32), (64, 32), (32, 32)]
+        if dtype == jnp.float32:
+          tiles = [(64, 32), (32, 32)]
+        configs = {f"ours_s{sk}_g{gk}": (dataclasses.replace(tuned, score_block_k=sk, grad_block_k=gk), None)
+                   for sk, gk in tiles}
+        if args.configs == "tuned":  # the tuned config alone (against fla)
+          configs = {"ours_tuned": (tuned, None)}
+        elif (t, dk) == (12544, 64):  # other knobs, on the best tiles of the first measurement (grad 32)
+          best = dataclasses.replace(tuned, score_block_k=dk, grad_block_k=32)
+          configs.update(ours_g32_chunk32=(best, 32),
+                         ours_g32_warps8=(dataclasses.replace(best, warps_grad=8), None),
+                         ours_g32_bv32=(dataclasses.replace(best, fwd_block_v=32), None),
+                         ours_g32_state16=(dataclasses.replace(best, state_block_k=16), None))
+        row = bench_shape(b, t, h, dk, dv, {n: ours(*c) for n, c in configs.items()},
+                          fla_fn if dtype == jnp.bfloat16 and not args.no_fla else None, bw,
+                          with_attention=False, dtype=dtype)
+        row["dtype"] = jnp.dtype(dtype).name
+        row["tuned"] = dataclasses.asdict(tuned)
+        if dtype == jnp.float32:
+          row["errors"] = {n: check_case(b, t, h, dk, dv, "extreme", dtype, c[0], 0)
+                           for n, c in configs.items()}
+          log("errors " + json.dumps(row["errors"]))
+        return row
+      # A sixth field "fp32" in --shapes times fp32 inputs (and checks their errors).
+      time_shapes([s[:5] + ((jnp.float32,) if len(s) > 5 else ()) for s in shapes] or [
+          (8, 1024, 6, 64, 64), (8, 4096, 6, 64, 64), (8, 12544, 6, 64, 64), (2, 50176, 6, 64, 64),
+          (8, 4096, 6, 128, 128), (1, 2048, 4, 128, 128, jnp.float32)], ktile_row)
     elif args.mode == "short":
       names = args.configs.split(",") if args.configs else list(SHORT_SWEEP)
       time_shapes(shapes or ((32, 256, 6, 32, 64), (8, 1024, 6, 32, 64)),

@@ -30,7 +30,6 @@ from pallas_kernels.gla.gpu_kernels import KernelConfig
 Array = jax.Array
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 MIN_DIM, MAX_DIM = 16, 128
-MAX_DIM_FP32 = 64  # see is_supported
 FUSED_MAX_SEQUENCES = 96  # tuned_config: the fused forward only below this many (batch x head) sequences
 
 
@@ -41,35 +40,42 @@ def _is_pow2(n: int) -> bool:
 def is_supported(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype) -> bool:
   """True where the kernels lower and pay off: bf16/fp32, head dims powers of two in [16, 128].
 
-  fp32 inputs only up to head dim MAX_DIM_FP32 = 64: on an H100 the 128/128 fp32 GPU test (B=1, T=520) did not
-  finish within 240 s (session 3; the fp32 kernels keep K x V fp32 tiles and C x K fp32 operands in
-  registers, which at 128 x 128 is beyond what Triton compiles well), so `impl="auto"` uses the XLA reference
-  there and an explicit impl="pallas_gpu" gets a clear error. bf16 128/128 passed on an H100 (session 1).
+  fp32 at 128/128 needs the K-tiled chunk-parallel kernels that `tuned_config` picks for it (session 3: with
+  whole-K tiles the 128/128 fp32 GPU test did not finish within 240 s; session 5: with K tiles of 32 it
+  passes on an H100). An explicit `config` with whole-K tiles there is the caller's choice.
   """
   if len(q_shape) != 4 or len(v_shape) != 4 or tuple(q_shape[:3]) != tuple(v_shape[:3]):
     return False
   dk, dv = q_shape[-1], v_shape[-1]
-  max_dim = MAX_DIM_FP32 if jnp.dtype(dtype) == jnp.float32 else MAX_DIM
-  dims_ok = all(_is_pow2(d) and MIN_DIM <= d <= max_dim for d in (dk, dv))
+  dims_ok = all(_is_pow2(d) and MIN_DIM <= d <= MAX_DIM for d in (dk, dv))
   return dims_ok and q_shape[1] >= 1 and jnp.dtype(dtype) in SUPPORTED_DTYPES
 
 
 def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
-                 chunk: int | None = None) -> KernelConfig:
+                 chunk: int | None = None, dtype=jnp.bfloat16) -> KernelConfig:
   """Tiling picked from per-kernel timings on H100/H200 (see NOTES.md).
 
   Two-pass forward with prefetching state loops; 16-row K tiles in the state loops when (32, 32) tiles would
   give fewer than 64 programs (long sequences at small batch); the fused forward only for <= 4 chunks and
-  fewer than FUSED_MAX_SEQUENCES (batch x heads) sequences, where one launch beats two. At DiG-S/2's 256 px
-  step (B=32, H=6, T=256) the fused forward, which also writes the states for the backward from its
-  sequential loop, made forward+backward 0.196 ms against 0.138 ms two-pass (H100, NOTES.md).
+  fewer than FUSED_MAX_SEQUENCES (batch x heads) sequences, where one launch beats two, and only for head
+  dims <= 64 (a precaution, not a measurement: it keeps a whole fp32 K x V state and C x K operands in
+  registers, the pattern that did not compile for fp32 at 128). At DiG-S/2's 256 px step (B=32,
+  H=6, T=256) the fused forward, which also writes the states for the backward from its sequential loop,
+  made forward+backward 0.196 ms against 0.138 ms two-pass (H100, NOTES.md). K tiles of the chunk-parallel
+  kernels (session 5, H100, NOTES.md): the dq/dk/dG kernel runs over K tiles of 32 from K = 64 up
+  (`grad_block_k`; 64/64 fwd+bwd 3.70 -> 3.11 ms at B8 T12544); the output and dv kernels contract K whole
+  except for fp32 inputs wider than 64 (`score_block_k` 32: whole-K fp32 at 128 did not compile in 240 s),
+  as tiling them was slower at 64/64 (3.70 -> 4.12 ms).
   """
   b, tokens, heads, dim_k = q_shape
   chunk = chunk or default_chunk_size(tokens)
   programs = b * heads * max(1, dim_k // 32) * max(1, v_shape[-1] // 32)
-  fused = -(-tokens // chunk) <= 4 and b * heads < FUSED_MAX_SEQUENCES
+  fused = (-(-tokens // chunk) <= 4 and b * heads < FUSED_MAX_SEQUENCES
+           and max(dim_k, v_shape[-1]) <= 64)
+  fp32_wide = jnp.dtype(dtype) == jnp.float32 and dim_k > 64
   return KernelConfig(chunk_size=chunk, fused=fused, state_block_k=16 if programs < 64 else 32,
-                      state_block_v=32)
+                      state_block_v=32, score_block_k=32 if fp32_wide else dim_k,
+                      grad_block_k=32 if dim_k >= 64 else dim_k)
 
 
 def default_chunk_size(tokens: int) -> int:
@@ -203,10 +209,15 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
              [_chunk_spec(c, dim_k), _chunk_spec(c, dim_k), _chunk_spec(c, dim_k), _chunk_spec(c, bv, True),
               pl.BlockSpec((None, None, None, dim_k, bv), lambda i, j, n, t: (i, n, j, 0, t))],
              _chunk_spec(c, bv, True), jax.ShapeDtypeStruct(v.shape, v.dtype))(q, k, g, do, ds)
+  # dq/dk/dG over (chunk, K tile): every output channel needs only its own q, k, G and state rows.
+  bk = min(cfg.grad_block_k, dim_k)
+  tile_k = pl.BlockSpec((None, c, None, bk), lambda i, j, n, kt: (i, n, j, kt))
+  whole_v = pl.BlockSpec((None, c, None, dim_v), lambda i, j, n, kt: (i, n, j, 0))
+  state_rows = pl.BlockSpec((None, None, None, bk, dim_v), lambda i, j, n, kt: (i, n, j, kt, 0))
   dqk_kernel = functools.partial(gpu_kernels.dqk_kernel, cfg=cfg, **common)
-  dq, dk, dg = _call(dqk_kernel, cfg, cfg.warps_grad, (b, heads, nt),
-                     [chunk_k, chunk_k, chunk_v, chunk_k, chunk_v, state_spec, state_spec],
-                     [chunk_k, chunk_k, chunk_k],
+  dq, dk, dg = _call(dqk_kernel, cfg, cfg.warps_grad, (b, heads, nt, dim_k // bk),
+                     [tile_k, tile_k, whole_v, tile_k, whole_v, state_rows, state_rows],
+                     [tile_k, tile_k, tile_k],
                      dqk_shapes + [jax.ShapeDtypeStruct(g.shape, jnp.float32)])(q, k, v, g, do, hs, ds)
   return dq, dk, dv, dg
 
@@ -255,7 +266,7 @@ def gla(q: Array, k: Array, v: Array, log_gate: Array, *, chunk_size: int | None
   dtype = jnp.promote_types(q.dtype, jnp.promote_types(k.dtype, v.dtype))  # what the kernels run on
   if not is_supported(q.shape, v.shape, dtype):
     raise ValueError(f"pallas_gpu GLA supports bf16/fp32 with head dims powers of two in [{MIN_DIM}, "
-                     f"{MAX_DIM}] (fp32: up to {MAX_DIM_FP32}); got q{q.shape} v{v.shape}, q {q.dtype}, "
+                     f"{MAX_DIM}]; got q{q.shape} v{v.shape}, q {q.dtype}, "
                      f"k {k.dtype}, v {v.dtype}. Use impl='chunked' (impl='auto' does so by itself).")
   out_dtype = v.dtype
   q, k, v = (x.astype(dtype) for x in (q, k, v))
@@ -264,7 +275,8 @@ def gla(q: Array, k: Array, v: Array, log_gate: Array, *, chunk_size: int | None
   if not (_is_pow2(c) and 16 <= c <= 128):
     raise ValueError(f"pallas_gpu chunk_size must be a power of two in [16, 128]; got {c}")
   if config is None:
-    config = dataclasses.replace(tuned_config(q.shape, v.shape, c), fp32_dots=fp32_dots_from_context())
+    config = dataclasses.replace(tuned_config(q.shape, v.shape, c, dtype),
+                                 fp32_dots=fp32_dots_from_context())
   if config.fp32_dots not in ("ieee", "tf32"):
     raise ValueError(f"KernelConfig.fp32_dots must be 'ieee' or 'tf32'; got {config.fp32_dots!r}")
   cfg = dataclasses.replace(config, chunk_size=c, interpret=interpret,

@@ -53,6 +53,8 @@ class KernelConfig:
   state_block_k: int = 32     # K/V tiles of the two-pass state kernel and of the reverse state kernel
   state_block_v: int = 32
   grad_block_v: int = 64      # inner V tile of the gradient kernel
+  score_block_k: int = 64     # K tile of the output and dv kernels' score / inter-chunk loops (tiles summed)
+  grad_block_k: int = 64      # K tile of the dq/dk/dG kernel's grid (everything there but dA is per channel)
   grad_version: int = 2       # 1: one gradient kernel; 2: a dv kernel + a dq/dk/dG kernel (less spilling)
   warps_fused: int = 4
   warps_state: int = 4
@@ -92,11 +94,14 @@ def _iota(shape: tuple[int, ...], dim: int) -> Array:
   return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
-def _level_factor(g: Array, g_ref, row_offset, chunk: int, lg: int) -> Array:
-  """exp(-|G_r - G_m(r)|) for level L = 2**lg: m(r) = last row of the first half of r's 2L-row block."""
+def _level_factor(g: Array, g_ref, row_offset, chunk: int, lg: int, cols=slice(None)) -> Array:
+  """exp(-|G_r - G_m(r)|) for level L = 2**lg: m(r) = last row of the first half of r's 2L-row block.
+
+  `g` holds the columns `cols` of `g_ref`'s rows row_offset .. row_offset + chunk.
+  """
   rows = _iota((chunk,), 0)
   ref_rows = ((rows >> (lg + 1)) << (lg + 1)) + ((1 << lg) - 1)
-  rho = g_ref[ref_rows + row_offset, :]
+  rho = g_ref[ref_rows + row_offset, cols]
   query_side = ((_iota((chunk, 1), 0) >> lg) & 1) == 1
   diff = jnp.where(query_side, g - rho, rho - g)
   return _exp(jnp.minimum(diff, 0.0))
@@ -119,13 +124,16 @@ def _num_levels(chunk: int) -> int:
   return chunk.bit_length() - 1
 
 
-def _scores(qf, kf, g, g_ref, row_offset, chunk, mm_dtype, prec) -> Array:
-  """Unscaled intra-chunk scores A[r, c] = sum_k q[r,k] k[c,k] exp(G[r,k] - G[c,k]) for c <= r, else 0."""
+def _scores(qf, kf, g, g_ref, row_offset, chunk, mm_dtype, prec, cols=slice(None)) -> Array:
+  """Unscaled intra-chunk scores A[r, c] = sum_k q[r,k] k[c,k] exp(G[r,k] - G[c,k]) for c <= r, else 0.
+
+  The sum runs over the channels given (the columns `cols` of `g_ref`); K tiles add up.
+  """
   r, c = _iota((chunk, 1), 0), _iota((1, chunk), 1)
   a = jnp.where(r == c, jnp.sum(qf * kf, axis=1)[:, None], 0.0)
   lvl = _level_matrix(chunk)
   for lg in range(_num_levels(chunk)):
-    e = _level_factor(g, g_ref, row_offset, chunk, lg)
+    e = _level_factor(g, g_ref, row_offset, chunk, lg, cols)
     s = _mm_nt((qf * e).astype(mm_dtype), (kf * e).astype(mm_dtype), prec)
     a = jnp.where(lvl == lg, s, a)
   return a
@@ -138,6 +146,12 @@ def _chunk_output(q, k, v, g, h, g_ref, row_offset, cfg: KernelConfig, mm_dtype,
   a = _scores(qf, kf, g, g_ref, row_offset, cfg.chunk_size, mm_dtype, prec)
   o = o + _mm(a.astype(mm_dtype), v.astype(mm_dtype), prec)
   return o * cfg.scale
+
+
+def _k_tiles(dim_k: int, block_k: int) -> list:
+  """Column slices of width min(block_k, dim_k) covering K (one whole slice when a tile spans K)."""
+  bk = min(block_k, dim_k)
+  return [slice(None)] if bk == dim_k else [pl.ds(i * bk, bk) for i in range(dim_k // bk)]
 
 
 def _state_update(h, k, v, g, g_last, mm_dtype, prec) -> Array:
@@ -201,8 +215,15 @@ def state_kernel(k_ref, v_ref, g_ref, hs_ref, *, cfg, num_chunks, mm_dtype, prec
 
 
 def out_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, cfg, mm_dtype, prec):
-  o = _chunk_output(q_ref[...], k_ref[...], v_ref[...], g_ref[...], h_ref[...], g_ref, 0, cfg, mm_dtype, prec)
-  o_ref[...] = o.astype(o_ref.dtype)
+  """F2/F3 for one chunk and one V tile; the K contractions run over K tiles of `cfg.score_block_k`."""
+  o = a = None
+  for cols in _k_tiles(q_ref.shape[-1], cfg.score_block_k):
+    qf, kf, g = q_ref[:, cols].astype(jnp.float32), k_ref[:, cols].astype(jnp.float32), g_ref[:, cols]
+    inter = _mm((qf * _exp(g)).astype(mm_dtype), h_ref[cols, :].astype(mm_dtype), prec)
+    scores = _scores(qf, kf, g, g_ref, 0, cfg.chunk_size, mm_dtype, prec, cols)
+    o, a = (inter, scores) if o is None else (o + inter, a + scores)
+  o = o + _mm(a.astype(mm_dtype), v_ref[...].astype(mm_dtype), prec)
+  o_ref[...] = (o * cfg.scale).astype(o_ref.dtype)
 
 
 def dstate_kernel(q_ref, g_ref, do_ref, ds_ref, *, cfg, num_chunks, mm_dtype, prec):
@@ -284,20 +305,25 @@ def grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref
 
 
 def dv_kernel(q_ref, k_ref, g_ref, do_ref, d_ref, dv_ref, *, cfg, mm_dtype, prec):
-  """B3 for one chunk and one V tile: dv = A^T do + (k e^(gamma - G)) D_n."""
+  """B3 for one chunk and one V tile: dv = A^T do + (k e^(gamma - G)) D_n, K contracted in tiles."""
   c = cfg.chunk_size
-  g, g_last = g_ref[...], g_ref[c - 1, :]
-  kf = k_ref[...].astype(jnp.float32)
-  a = _scores(q_ref[...].astype(jnp.float32), kf, g, g_ref, 0, c, mm_dtype, prec) * cfg.scale
-  k_dec = (kf * _exp(g_last[None, :] - g)).astype(mm_dtype)
-  dv = (_mm_tn(a.astype(mm_dtype), do_ref[...].astype(mm_dtype), prec)
-        + _mm(k_dec, d_ref[...].astype(mm_dtype), prec))
+  a = inter = None
+  for cols in _k_tiles(q_ref.shape[-1], cfg.score_block_k):
+    g, g_last = g_ref[:, cols], g_ref[c - 1, cols]
+    kf = k_ref[:, cols].astype(jnp.float32)
+    scores = _scores(q_ref[:, cols].astype(jnp.float32), kf, g, g_ref, 0, c, mm_dtype, prec, cols)
+    k_dec = (kf * _exp(g_last[None, :] - g)).astype(mm_dtype)
+    tile_inter = _mm(k_dec, d_ref[cols, :].astype(mm_dtype), prec)
+    a, inter = (scores, tile_inter) if a is None else (a + scores, inter + tile_inter)
+  dv = _mm_tn((a * cfg.scale).astype(mm_dtype), do_ref[...].astype(mm_dtype), prec) + inter
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref, dg_ref, *, cfg, mm_dtype,
                 prec):
-  """B2, B4-B6 for one chunk; the inter-chunk terms are folded in first so few C x K tensors stay alive."""
+  """B2, B4-B6 for one chunk and one K tile (grid axis; only dA = do v^T spans K, and it does not depend on
+  the K tile, so each tile recomputes it); the inter-chunk terms are folded in first so few C x K tensors
+  stay alive."""
   c, scale = cfg.chunk_size, cfg.scale
   dim_v = v_ref.shape[-1]
   bv = min(cfg.grad_block_v, dim_v)

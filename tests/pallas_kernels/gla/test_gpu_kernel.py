@@ -64,6 +64,18 @@ def test_interpret_bf16_two_pass_forward_k64_v64():
   _check((1, 45, 2, 64, 64), jnp.bfloat16, 16, config, interpret=True)
 
 
+def test_interpret_bf16_k_tiled_kernels_k64_v64():
+  # K contracted in tiles of 32 by the output and dv kernels (two V tiles), dq/dk/dG gridded over two K tiles.
+  config = gpu.KernelConfig(fused=False, score_block_k=32, grad_block_k=32, fwd_block_v=32)
+  _check((1, 45, 2, 64, 64), jnp.bfloat16, 16, config, interpret=True)
+
+
+def test_interpret_fp32_k128_v128_tuned_k_tiles():
+  config = gpu.tuned_config((1, 40, 1, 128), (1, 40, 1, 128), 16, jnp.float32)
+  assert (config.score_block_k, config.grad_block_k, config.fused) == (32, 32, False)
+  _check((1, 40, 1, 128, 128), jnp.float32, 16, None, interpret=True)
+
+
 def test_interpret_fp32_two_pass_no_prefetch_one_grad_kernel_chunk32_k16_v32():
   config = gpu.KernelConfig(fused=False, prefetch=False, grad_version=1)
   _check((2, 37, 1, 16, 32), jnp.float32, 32, config, interpret=True)
@@ -73,13 +85,7 @@ def test_is_supported_and_input_errors():
   assert gpu.is_supported((2, 100, 6, 32), (2, 100, 6, 64), jnp.bfloat16)
   assert gpu.is_supported((2, 100, 6, 128), (2, 100, 6, 128), jnp.bfloat16)
   assert gpu.is_supported((2, 100, 6, 64), (2, 100, 6, 64), jnp.float32)
-  # fp32 128-wide heads did not compile within 240 s on an H100: not offered (auto falls back to XLA).
-  assert not gpu.is_supported((2, 100, 6, 128), (2, 100, 6, 128), jnp.float32)
-  x = jnp.zeros((1, 8, 1, 128), jnp.float32)
-  with pytest.raises(ValueError, match="impl='chunked'"):
-    gpu.gla(x, x, x, x, interpret=True)
-  with pytest.raises(ValueError, match="impl='chunked'"):  # bf16 q, k with an fp32 v run in fp32
-    gpu.gla(x.astype(jnp.bfloat16), x.astype(jnp.bfloat16), x, x, interpret=True)
+  assert gpu.is_supported((2, 100, 6, 128), (2, 100, 6, 128), jnp.float32)
   assert not gpu.is_supported((2, 100, 6, 24), (2, 100, 6, 64), jnp.bfloat16)   # not a power of two
   assert not gpu.is_supported((2, 100, 6, 8), (2, 100, 6, 64), jnp.bfloat16)    # below Triton's dot minimum
   assert not gpu.is_supported((2, 100, 6, 32), (2, 100, 6, 256), jnp.bfloat16)  # above the register budget
@@ -103,6 +109,16 @@ def test_default_chunk_and_tuned_tiles():
   assert gpu.tuned_config((8, 256, 6, 32), (8, 256, 6, 64)).fused
   assert not gpu.tuned_config((32, 256, 6, 32), (32, 256, 6, 64)).fused
   assert not gpu.tuned_config((8, 1024, 6, 32), (8, 1024, 6, 64)).fused
+  # K tiles: the dq/dk/dG grid from K = 64 up; the score loops only for fp32 wider than 64.
+  dig = gpu.tuned_config((8, 4096, 6, 32), (8, 4096, 6, 64))
+  assert (dig.score_block_k, dig.grad_block_k) == (32, 32)
+  wide = gpu.tuned_config((8, 4096, 6, 64), (8, 4096, 6, 64))
+  assert (wide.score_block_k, wide.grad_block_k) == (64, 32)
+  wide = gpu.tuned_config((8, 4096, 6, 128), (8, 4096, 6, 128))
+  assert (wide.score_block_k, wide.grad_block_k, wide.fused) == (128, 32, False)
+  wide = gpu.tuned_config((8, 4096, 6, 128), (8, 4096, 6, 128), dtype=jnp.float32)
+  assert (wide.score_block_k, wide.grad_block_k) == (32, 32)
+  assert not gpu.tuned_config((1, 256, 2, 128), (1, 256, 2, 128)).fused  # fused forward only up to 64
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -160,7 +176,7 @@ def test_fp32_dots_follow_the_callers_matmul_precision(monkeypatch):
 @pytest.mark.parametrize("shape,dtype", [
     ((2, 1000, 3, 32, 64), jnp.bfloat16), ((2, 1000, 3, 32, 64), jnp.float32),
     ((1, 777, 2, 64, 64), jnp.bfloat16), ((1, 777, 2, 64, 64), jnp.float32),
-    ((1, 520, 2, 128, 128), jnp.bfloat16)])
+    ((1, 520, 2, 128, 128), jnp.bfloat16), ((1, 520, 2, 128, 128), jnp.float32)])
 def test_gpu_matches_reference(shape, dtype):
   _check(shape, dtype, None, None, interpret=False)
 

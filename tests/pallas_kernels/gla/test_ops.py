@@ -30,14 +30,17 @@ def test_auto_picks_gpu_kernel_on_gpu_only_where_supported():
   assert resolve_impl("auto", Q_SHAPE, (2, 256, 6, 512), jnp.bfloat16, platform="gpu") == GlaImpl.CHUNKED
   wide_q, wide_v = (2, 256, 6, 128), (2, 256, 6, 128)
   assert resolve_impl("auto", wide_q, wide_v, jnp.bfloat16, platform="gpu") == GlaImpl.PALLAS_GPU
-  assert resolve_impl("auto", wide_q, wide_v, jnp.float32, platform="gpu") == GlaImpl.CHUNKED
+  assert resolve_impl("auto", wide_q, wide_v, jnp.float32, platform="gpu") == GlaImpl.PALLAS_GPU
 
 
 def test_kernel_support_is_decided_on_the_promoted_dtype():
-  """bf16 q, k with an fp32 v run in fp32, where the GPU kernel stops at head dim 64."""
-  x = jnp.zeros((1, 16, 1, 128), jnp.float32)
-  with pytest.raises(ValueError, match="does not support .* float32"):
-    gla(x.astype(jnp.bfloat16), x.astype(jnp.bfloat16), x, x, impl="pallas_gpu", interpret=True)
+  """bf16 q, k with an fp16 v promote to fp32, which the GPU kernel runs; fp16 alone it does not."""
+  x = jnp.full((1, 16, 1, 32), 0.1, jnp.float32)
+  o = gla(x.astype(jnp.bfloat16), x.astype(jnp.bfloat16), x.astype(jnp.float16), -x, impl="pallas_gpu",
+          interpret=True)
+  assert o.dtype == jnp.float16 and o.shape == x.shape
+  with pytest.raises(ValueError, match="does not support .* float16"):
+    gla(*(x.astype(jnp.float16),) * 3, -x, impl="pallas_gpu", interpret=True)
 
 
 def test_named_impl_is_returned_as_is():
