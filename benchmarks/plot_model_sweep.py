@@ -19,7 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 # A merged JSON's runs, best first (see its "notes").
-RUN_PREFERENCE = ("final", "h100-b", "h100-a", "fp32_a", "fp32_b", "quick", "variants")
+RUN_PREFERENCE = ("s5_fill_a", "s5_fill_b", "s4_stacked", "final", "h100-b", "h100-a", "fp32_a", "fp32_b",
+                  "quick", "variants")
 STYLE = {"DiG-S/2": ("tab:red", "o"), "DiT-S/2-xla": ("tab:blue", "s"), "DiT-S/2-cudnn": ("tab:green", "^")}
 
 
@@ -62,7 +63,9 @@ def main(json_path: str, png_path: str) -> None:
       ax.grid(True, alpha=0.3)
       ax.legend(fontsize=8)
     batches = ", ".join(f"{px}:{b}" for px, b in data.get("batch_sizes", {}).items())
-    ax_speed.set_title(f"{precision} training step, {device}\n(batch per size {batches})", fontsize=9)
+    note = data.get("precision_notes", {}).get(precision, "")  # which code a merged JSON's row comes from
+    ax_speed.set_title(f"{precision} training step, {device}\n(batch per size {batches})"
+                       + (f"\n{note}" if note else ""), fontsize=9)
     ax_mem.set_title(f"{precision} peak device memory (train step)", fontsize=9)
   fig.tight_layout()
   fig.savefig(png_path, dpi=110)
