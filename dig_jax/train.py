@@ -14,7 +14,8 @@ Shape of the program (big_vision's one readable loop, maxtext's functional NNX s
    EMA of the parameters (initialised from the model, updated every step). It is jitted once with in/out
    shardings and ``donate_argnums=(0,)``, lowered and compiled before the loop (``memory_analysis()`` logged).
 4. Orbax checkpoints of state + input-iterator state (dig_jax/checkpointing.py), resumed automatically from
-   the workdir; a new run can start from converted official weights (``config.init_from``, a folder written
+   the workdir (``workdir/config.json`` is rewritten only once the state is restored or initialised, so a
+   resume that fails, e.g. on a changed model, keeps it and names the changed fields); a new run can start from converted official weights (``config.init_from``, a folder written
    by ``python -m dig_jax.convert import``: fresh optimizer, EMA = those weights); metrics every
    ``log_every_steps`` (a non-finite loss raises FloatingPointError); an EMA sample grid every
    ``sample_every_steps`` and at the end in ``workdir/samples/step_XXXXXXX.png``.
@@ -156,6 +157,25 @@ def _check_resumable_layout(config: ml_collections.ConfigDict, workdir: str) -> 
         f"--config.model.stack_blocks={saved.stack_blocks}, or start a new workdir")
 
 
+def _saved_model_differences(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """'model.<field>: <saved> (saved) vs <this run>' for every model field that differs from config.json."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return []
+  saved = sample_lib.load_config(workdir).get("model")
+  if saved is None:
+    return []
+
+  def flat(tree, prefix="model"):
+    items = tree.items() if hasattr(tree, "items") else []
+    out = {}
+    for key, value in items:
+      out.update(flat(value, f"{prefix}.{key}") if hasattr(value, "items") else {f"{prefix}.{key}": value})
+    return out
+  old, new = flat(saved.to_dict()), flat(config.model.to_dict())
+  return [f"{key}: {old.get(key, '<unset>')!r} (saved) vs {new.get(key, '<unset>')!r} (this run)"
+          for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -249,7 +269,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_iter = input_pipeline.create_train_iterator(config.input, seed=int(config.seed))
   _check_config(config, train_iter.info)
   _check_resumable_layout(config, workdir)
-  _write_config(config, workdir)
   num_steps, log_every = int(config.num_train_steps), int(config.log_every_steps)
   tx, lr_schedule = optim.create_optimizer(config.optim, num_steps)
   init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(int(config.seed)), 3)
@@ -269,7 +288,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     manager = checkpointing.create_manager(
         workdir, every_steps=int(config.checkpoint_every_steps), keep=int(config.keep_checkpoints),
         keep_every=int(config.keep_every_steps), asynchronous=bool(config.async_checkpointing))
-    state, start_step = checkpointing.restore_latest(manager, abstract_state, train_iter)
+    try:
+      state, start_step = checkpointing.restore_latest(manager, abstract_state, train_iter)
+    except RuntimeError as e:  # Most often a changed model config: say which fields (config.json is kept).
+      differences = _saved_model_differences(config, workdir)
+      if not differences:
+        raise
+      raise RuntimeError(f"{e}\nThe model config differs from the one saved in {workdir}/config.json (kept "
+                         "unchanged): " + "; ".join(differences) + ". Resume with the saved settings or "
+                         "start a new workdir.") from e
     if state is None and config.get("init_from"):
       params, model_state = convert.load_imported(
           config.init_from, config.model, abstract_state["params"], abstract_state.get("model_state", {}))
@@ -282,6 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       logging.info("Initialised a new train state.")
     else:
       logging.info("Resuming from step %d.", start_step)
+    # Written once the state is in hand, so a run that fails to restore leaves the saved config as it was.
+    _write_config(config, workdir)
     compiled = _compile_train_step(config, graphdef, abstract_state, state_shardings, abstract_batch, tx,
                                    lr_schedule, train_rng, mesh)
     grid_sampler = sample_lib.ImageSampler(  # Compiled at its first use.

@@ -150,6 +150,22 @@ def test_resuming_with_the_other_block_layout_is_one_clear_error_and_keeps_the_w
     train.train_and_evaluate(tiny_config(4), workdir)
 
 
+def test_resuming_with_a_changed_model_names_the_fields_and_keeps_config_and_checkpoints(runs, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(runs["straight"], workdir)
+  config_path = os.path.join(workdir, "config.json")
+  with open(config_path, encoding="utf-8") as f:
+    saved_text = f.read()
+  steps_before = sorted(os.listdir(checkpointing.checkpoint_dir(workdir)))
+  config = tiny_config(4).unlock()
+  config.model.depth = 2  # block parameters [2, ...] against the saved [1, ...]
+  with pytest.raises(RuntimeError, match=r"model\.depth: 1 \(saved\) vs 2 \(this run\)"):
+    train.train_and_evaluate(config, workdir)
+  with open(config_path, encoding="utf-8") as f:
+    assert f.read() == saved_text  # the saved config still describes the checkpoints
+  assert sorted(os.listdir(checkpointing.checkpoint_dir(workdir))) == steps_before  # nothing deleted
+
+
 def test_ema_follows_the_decay_rule(runs):
   before, after = read_state(runs["resumed"], 2), read_state(runs["resumed"], 3)
   ema_before, params_after = flat(before["ema_params"]), flat(after["params"])
