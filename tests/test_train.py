@@ -127,12 +127,17 @@ def test_resumed_run_equals_uninterrupted_run(runs):
   assert any(not np.array_equal(before[k], after[k]) for k in after)
 
 
-def test_resuming_with_the_other_block_layout_is_one_clear_error_and_keeps_the_workdir(runs, tmp_path):
+def copy_of_straight_run(runs, tmp_path) -> tuple[str, str, str]:
+  """(workdir, its config.json path, that file's text) of a copy of run A's workdir."""
   workdir = str(tmp_path / "copy")
   shutil.copytree(runs["straight"], workdir)
   config_path = os.path.join(workdir, "config.json")
   with open(config_path, encoding="utf-8") as f:
-    saved_text = f.read()
+    return workdir, config_path, f.read()
+
+
+def test_resuming_with_the_other_block_layout_is_one_clear_error_and_keeps_the_workdir(runs, tmp_path):
+  workdir, config_path, saved_text = copy_of_straight_run(runs, tmp_path)
   assert json.loads(saved_text)["model"]["stack_blocks"] is True  # the default layout
   config = tiny_config(4).unlock()
   config.model.stack_blocks = False
@@ -151,11 +156,7 @@ def test_resuming_with_the_other_block_layout_is_one_clear_error_and_keeps_the_w
 
 
 def test_resuming_with_a_changed_model_names_the_fields_and_keeps_config_and_checkpoints(runs, tmp_path):
-  workdir = str(tmp_path / "copy")
-  shutil.copytree(runs["straight"], workdir)
-  config_path = os.path.join(workdir, "config.json")
-  with open(config_path, encoding="utf-8") as f:
-    saved_text = f.read()
+  workdir, config_path, saved_text = copy_of_straight_run(runs, tmp_path)
   steps_before = sorted(os.listdir(checkpointing.checkpoint_dir(workdir)))
   config = tiny_config(4).unlock()
   config.model.depth = 2  # block parameters [2, ...] against the saved [1, ...]
