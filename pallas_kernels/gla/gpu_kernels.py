@@ -12,6 +12,9 @@ Kernels (tensors stay in [batch, tokens, heads, dim]; each gets one (batch, head
 - `dstate_kernel`: B1, a reverse loop over chunks storing every D_n.
 - `dv_kernel` (B3) and `dqk_kernel` (B2, B4-B6); `grad_kernel` does all of B2-B6 in one kernel
   (`grad_version=1`; ~twice the live registers, measured 2x slower on H100).
+- Wide heads: `out_kernel` and `dv_kernel` can contract K in a loop over tiles (`score_block_k`; scores and
+  inter-chunk products summed), and `dqk_kernel` runs on one K tile per program (`grad_block_k`): fewer live
+  C x K fp32 tensors (NOTES.md, session 5).
 
 The sequential loops prefetch the next chunk's tiles before this chunk's math (`prefetch`): Triton's pipeliner
 does not overlap loads that feed element-wise math, and without it each step waits a full memory latency.
