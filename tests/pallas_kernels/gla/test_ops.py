@@ -117,7 +117,8 @@ def test_sharded_kernel_gradients_equal_unsharded():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=str(seed))
 
 
-def test_kernel_inside_user_shard_map_is_not_sharded_again():
+def _check_kernel_inside_user_shard_map(**shard_map_kwargs):
+  """The kernel called inside the user's own shard_map over "data" equals the unsharded call."""
   rng, seed = fresh_rng()
   q, k, v, g = random_inputs(rng, 4, 16, 2, 16, 16)
   fn = lambda *a: gla(*a, impl="pallas_gpu", chunk_size=16, interpret=True)
@@ -125,20 +126,17 @@ def test_kernel_inside_user_shard_map_is_not_sharded_again():
   mesh = _mesh(AxisType.Auto)
   with jax.set_mesh(mesh):
     # Pallas outputs carry no varying-axes type, so a user's own shard_map needs check_vma=False.
-    inner = jax.shard_map(fn, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=P("data"), check_vma=False)
+    inner = jax.shard_map(fn, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=P("data"), check_vma=False,
+                          **shard_map_kwargs)
     got = jax.jit(inner)(q, k, v, g)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=str(seed))
+
+
+def test_kernel_inside_user_shard_map_is_not_sharded_again():
+  _check_kernel_inside_user_shard_map()
 
 
 def test_kernel_inside_partly_manual_shard_map_shards_the_free_head_axis():
-  rng, seed = fresh_rng()
-  q, k, v, g = random_inputs(rng, 4, 16, 2, 16, 16)
-  fn = lambda *a: gla(*a, impl="pallas_gpu", chunk_size=16, interpret=True)
-  want = jax.jit(fn)(q, k, v, g)
-  mesh = _mesh(AxisType.Auto)
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(_mesh(AxisType.Auto)):
     assert ops.kernel_partition(jnp.zeros((4, 16, 2, 16)))[1] == P(("data",), None, ("tensor",), None)
-    inner = jax.shard_map(fn, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=P("data"), axis_names={"data"},
-                          check_vma=False)
-    got = jax.jit(inner)(q, k, v, g)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=str(seed))
+  _check_kernel_inside_user_shard_map(axis_names={"data"})
