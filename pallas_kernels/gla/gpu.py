@@ -42,13 +42,27 @@ def is_supported(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype) -> b
 
   fp32 at 128/128 needs the K-tiled chunk-parallel kernels that `tuned_config` picks for it (session 3: with
   whole-K tiles the 128/128 fp32 GPU test did not finish within 240 s; session 5: with K tiles of 32 it
-  passes on an H100). An explicit `config` with whole-K tiles there is the caller's choice.
+  passes on an H100). An explicit `config` with whole-K tiles there is the caller's choice. `impl="auto"`
+  still prefers the XLA reference for fp32 wider than 64 (`auto_worthwhile`).
   """
   if len(q_shape) != 4 or len(v_shape) != 4 or tuple(q_shape[:3]) != tuple(v_shape[:3]):
     return False
   dk, dv = q_shape[-1], v_shape[-1]
   dims_ok = all(_is_pow2(d) and MIN_DIM <= d <= MAX_DIM for d in (dk, dv))
   return dims_ok and q_shape[1] >= 1 and jnp.dtype(dtype) in SUPPORTED_DTYPES
+
+
+AUTO_MAX_DIM_FP32 = 64  # auto_worthwhile: fp32 heads wider than this only when asked for by name
+
+
+def auto_worthwhile(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype) -> bool:
+  """Whether `impl="auto"` should take this kernel for a supported shape (see ops.resolve_impl).
+
+  fp32 inputs with head dims above AUTO_MAX_DIM_FP32 run correctly (H100 tests, session 5) but compile slowly
+  (a B2 T2048 H4 128/128 timing reported nothing within 140 s) and their speed against the XLA reference is
+  unmeasured, so `auto` keeps the reference there; impl="pallas_gpu" takes the kernel.
+  """
+  return jnp.dtype(dtype) != jnp.float32 or max(q_shape[-1], v_shape[-1]) <= AUTO_MAX_DIM_FP32
 
 
 def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],

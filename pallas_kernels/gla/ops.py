@@ -6,7 +6,8 @@ channel, scale K**-0.5 applied inside, float32 state.
 
 `impl="auto"` picks, for the default backend and the shape:
 - a Pallas kernel module registered in `_KERNELS` for this platform whose `is_supported(q_shape, v_shape,
-  dtype)` holds and where the kernel was measured to beat the XLA reference (`_worthwhile`; see
+  dtype)` holds and where the kernel was measured to beat the XLA reference (`_worthwhile`, with the
+  module's own `auto_worthwhile(q_shape, v_shape, dtype)` where it has one; see
   `pallas_kernels/gla/NOTES.md` for the numbers);
 - otherwise `reference.chunked_gla`, which runs everywhere and is differentiated by XLA.
 
@@ -74,8 +75,13 @@ def _parse_impl(impl: str | GlaImpl) -> GlaImpl:
     raise ValueError(f"unknown GLA impl {impl!r}; choose one of {[i.value for i in GlaImpl]}") from None
 
 
-def _worthwhile(impl: GlaImpl, q_shape: tuple[int, ...]) -> bool:
-  return q_shape[1] >= _MIN_TOKENS.get(impl, 1)
+def _worthwhile(impl: GlaImpl, module: ModuleType, q_shape: tuple[int, ...], v_shape: tuple[int, ...],
+                dtype) -> bool:
+  """Long enough for the kernel to pay, and not a case its module leaves to explicit requests."""
+  if q_shape[1] < _MIN_TOKENS.get(impl, 1):
+    return False
+  auto_ok = getattr(module, "auto_worthwhile", None)  # a module's own "supported, but not for auto" cases
+  return auto_ok is None or auto_ok(q_shape, v_shape, dtype)
 
 
 def resolve_impl(impl: str | GlaImpl, q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype,
@@ -91,7 +97,7 @@ def resolve_impl(impl: str | GlaImpl, q_shape: tuple[int, ...], v_shape: tuple[i
     module, _ = _load_kernel(kernel_impl)
     if module is None or not module.is_supported(q_shape, v_shape, dtype):
       continue
-    if _worthwhile(kernel_impl, q_shape):
+    if _worthwhile(kernel_impl, module, q_shape, v_shape, dtype):
       return kernel_impl
   return GlaImpl.CHUNKED
 
