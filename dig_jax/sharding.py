@@ -184,6 +184,22 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
 
 
+def check_mesh_axes_used(mesh: Mesh, rules: Rules) -> None:
+  """Raises one clear error for a mesh axis with more than one device that no logical-axis rule uses.
+
+  Nothing would be split over such an axis: every array and all the compute would be repeated on each of its
+  devices. The usual case is ``context`` > 1, whose sequence (context) parallelism for GLA is not implemented.
+  """
+  used = {axis for _, axes in rules for axis in _as_tuple(axes)}
+  idle = [name for name in mesh.axis_names if mesh.shape[name] > 1 and name not in used]
+  if idle:
+    raise ValueError(
+        f"Mesh axes {idle} (mesh {dict(mesh.shape)}) have more than one device, but no "
+        "config.logical_axis_rules entry maps anything to them, so all work would be repeated on each of "
+        "their devices. Give those devices to the data/fsdp/tensor axes in --config.mesh (context/sequence "
+        "parallelism for GLA is not implemented yet), or add rules that use them.")
+
+
 def check_global_batch(global_batch: int, mesh: Mesh, rules: Rules) -> None:
   """Raises one clear error when the global batch cannot be split evenly over devices and processes."""
   shards = num_batch_shards(mesh, rules)

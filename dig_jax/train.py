@@ -263,6 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.logical_axis_rules(config.logical_axis_rules)
   global_batch = int(config.input.batch_size)
+  sharding.check_mesh_axes_used(mesh, rules)
   sharding.check_global_batch(global_batch, mesh, rules)
   logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), mesh.size, jax.process_count())
 

@@ -36,6 +36,16 @@ def test_bad_mesh_gives_clear_error(bad):
     sharding.create_mesh(bad)
 
 
+def test_mesh_axis_no_rule_uses_is_one_clear_error():
+  rules = sharding.DEFAULT_RULES
+  sharding.check_mesh_axes_used(sharding.create_mesh(MESH_222 + [("context", 1)]), rules)  # size 1: fine
+  with pytest.raises(ValueError, match=r"\['context'\].*not implemented"):
+    sharding.check_mesh_axes_used(sharding.create_mesh([("data", 2), ("fsdp", 2), ("context", 2)]), rules)
+  # The same axis is fine once a rule splits something over it.
+  sharding.check_mesh_axes_used(sharding.create_mesh([("data", 2), ("fsdp", 2), ("context", 2)]),
+                                rules + (("activation_length", "context"),))
+
+
 def test_kernel_tagged_embed_mlp_is_sharded_fsdp_tensor():
   mesh = sharding.create_mesh(MESH_222)
   rules = sharding.DEFAULT_RULES
