@@ -30,6 +30,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from dig_jax import train  # noqa: E402
+from dig_jax.cli_errors import exit_on_input_error  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "demo.py")
 
@@ -96,4 +97,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_config_flag(sys.argv)
-  app.run(main, flags_parser=parse_flags)
+  app.run(exit_on_input_error(main), flags_parser=parse_flags)

@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from dig_jax import checkpointing, diffusion as diffusion_lib, models, sharding
+from dig_jax.cli_errors import exit_on_input_error
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 
@@ -283,4 +284,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(exit_on_input_error(main))
