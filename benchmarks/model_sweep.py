@@ -423,7 +423,8 @@ def main() -> None:
   os.makedirs(args.out_dir, exist_ok=True)
   env = environment()
   card = card_slug(env["device_kind"])
-  out_path = os.path.join(args.out_dir, f"model_sweep_{card}{_suffix(args.tag)}.json")
+  out_stem = os.path.join(args.out_dir, f"model_sweep_{card}{_suffix(args.tag)}")
+  out_path = out_stem + ".json"
   log_lines: list[str] = []
 
   def log(msg: str) -> None:
@@ -486,8 +487,7 @@ def main() -> None:
     save(repeats=summary)
   else:
     save()
-  log_path = os.path.join(args.out_dir, f"model_sweep_{card}{_suffix(args.tag)}.log")
-  with open(log_path, "w", encoding="utf-8") as f:
+  with open(out_stem + ".log", "w", encoding="utf-8") as f:
     f.write("\n".join(log_lines) + "\n")
 
 

@@ -15,10 +15,11 @@ Shape of the program (big_vision's one readable loop, maxtext's functional NNX s
    shardings and ``donate_argnums=(0,)``, lowered and compiled before the loop (``memory_analysis()`` logged).
 4. Orbax checkpoints of state + input-iterator state (dig_jax/checkpointing.py), resumed automatically from
    the workdir (``workdir/config.json`` is rewritten only once the state is restored or initialised, so a
-   resume that fails, e.g. on a changed model, keeps it and names the changed fields); a new run can start from converted official weights (``config.init_from``, a folder written
-   by ``python -m dig_jax.convert import``: fresh optimizer, EMA = those weights); metrics every
-   ``log_every_steps`` (a non-finite loss raises FloatingPointError); an EMA sample grid every
-   ``sample_every_steps`` and at the end in ``workdir/samples/step_XXXXXXX.png``.
+   resume that fails, e.g. on a changed model, keeps it and names the changed fields); a new run can start
+   from converted official weights (``config.init_from``, a folder written by ``python -m dig_jax.convert
+   import``: fresh optimizer, EMA = those weights); metrics every ``log_every_steps`` (a non-finite loss
+   raises FloatingPointError); an EMA sample grid every ``sample_every_steps`` and at the end in
+   ``workdir/samples/step_XXXXXXX.png``.
 
 Deviations from the official PyTorch loop: the EMA update runs inside the jitted step on the new parameters
 (DiT: right after ``opt.step()``, the same thing); model outputs are cast to float32 before the loss so bf16
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -144,12 +146,18 @@ def _check_config(config: ml_collections.ConfigDict, data_info: dict[str, Any]) 
     raise ValueError(f"config.ema_decay must be in [0, 1], got {config.ema_decay}.")
 
 
+def _saved_model_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The model section of ``workdir/config.json`` (stack_blocks always set: False for old workdirs), or None."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return None
+  return sample_lib.load_config(workdir).get("model")
+
+
 def _check_resumable_layout(config: ml_collections.ConfigDict, workdir: str) -> None:
   """A workdir's checkpoints hold per-block or stacked block parameters; resuming needs the same layout."""
-  if not (os.path.exists(os.path.join(workdir, "config.json")) and
-          os.path.isdir(checkpointing.checkpoint_dir(workdir))):
+  if not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
     return
-  saved = sample_lib.load_config(workdir).get("model")  # stack_blocks always set (False for old workdirs)
+  saved = _saved_model_config(workdir)
   if saved is not None and saved.stack_blocks != models.resolve_model_config(config.model).stack_blocks:
     raise ValueError(
         f"{workdir} holds a run with model.stack_blocks={saved.stack_blocks} (block parameters "
@@ -158,20 +166,15 @@ def _check_resumable_layout(config: ml_collections.ConfigDict, workdir: str) -> 
 
 
 def _saved_model_differences(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """'model.<field>: <saved> (saved) vs <this run>' for every model field that differs from config.json."""
-  if not os.path.exists(os.path.join(workdir, "config.json")):
-    return []
-  saved = sample_lib.load_config(workdir).get("model")
+  """'model.<field>: <saved> (saved) vs <this run>' for every model field that differs from config.json.
+
+  This run's model config goes through JSON as `_write_config` would store it, so tuples compare as lists.
+  """
+  saved = _saved_model_config(workdir)
   if saved is None:
     return []
-
-  def flat(tree, prefix="model"):
-    items = tree.items() if hasattr(tree, "items") else []
-    out = {}
-    for key, value in items:
-      out.update(flat(value, f"{prefix}.{key}") if hasattr(value, "items") else {f"{prefix}.{key}": value})
-    return out
-  old, new = flat(saved.to_dict()), flat(config.model.to_dict())
+  ours = ml_collections.ConfigDict(json.loads(config.model.to_json_best_effort()))
+  old, new = _flatten_config(saved, "model."), _flatten_config(ours, "model.")
   return [f"{key}: {old.get(key, '<unset>')!r} (saved) vs {new.get(key, '<unset>')!r} (this run)"
           for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
@@ -209,14 +212,20 @@ def _host_metrics(metrics: dict[str, jax.Array], step: int) -> dict[str, float]:
   return values
 
 
-def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _flatten_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """{"<prefix>a.b": value} for every leaf of a nested config, keys sorted level by level."""
   out = {}
   for key, value in sorted(config.to_dict().items()):
     if isinstance(value, dict):
-      out.update({f"{key}.{k}": v for k, v in _flat_hparams(ml_collections.ConfigDict(value)).items()})
-    elif isinstance(value, (int, float, str, bool)) or value is None:
-      out[key] = value
+      out.update(_flatten_config(ml_collections.ConfigDict(value), f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
   return out
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {key: value for key, value in _flatten_config(config).items()
+          if isinstance(value, (int, float, str, bool)) or value is None}
 
 
 def _build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: sharding.Rules, tx: Any,

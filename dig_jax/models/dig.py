@@ -113,4 +113,3 @@ def _block_step(grid: srem.Grid, position: int, schedule: str):
     with jax.named_scope("reorient"):
       return srem.reorient_after_block(x, grid, position, schedule)[0]
   return step
-

@@ -206,10 +206,11 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
   dim_v = v.shape[-1]
   c, nt = cfg.chunk_size, tokens // cfg.chunk_size
   common = _common(q, cfg)
-  state_spec = pl.BlockSpec((None, None, None, dim_k, dim_v), lambda i, j, n: (i, n, j, 0, 0))
-  chunk_k, chunk_v = _chunk_spec(c, dim_k), _chunk_spec(c, dim_v)
+  chunk_k = _chunk_spec(c, dim_k)
   dqk_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype)]
   if cfg.grad_version == 1:
+    state_spec = pl.BlockSpec((None, None, None, dim_k, dim_v), lambda i, j, n: (i, n, j, 0, 0))
+    chunk_v = _chunk_spec(c, dim_v)
     kernel = functools.partial(gpu_kernels.grad_kernel, cfg=cfg, **common)
     dq, dk, dv, dg = _call(kernel, cfg, cfg.warps_grad, (b, heads, nt),
                            [chunk_k, chunk_k, chunk_v, chunk_k, chunk_v, state_spec, state_spec],
@@ -220,7 +221,7 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
   bv = min(cfg.fwd_block_v, dim_v)
   dv_kernel = functools.partial(gpu_kernels.dv_kernel, cfg=cfg, **common)
   dv = _call(dv_kernel, cfg, cfg.warps_out, (b, heads, nt, dim_v // bv),
-             [_chunk_spec(c, dim_k), _chunk_spec(c, dim_k), _chunk_spec(c, dim_k), _chunk_spec(c, bv, True),
+             [chunk_k, chunk_k, chunk_k, _chunk_spec(c, bv, True),
               pl.BlockSpec((None, None, None, dim_k, bv), lambda i, j, n, t: (i, n, j, 0, t))],
              _chunk_spec(c, bv, True), jax.ShapeDtypeStruct(v.shape, v.dtype))(q, k, g, do, ds)
   # dq/dk/dG over (chunk, K tile): every output channel needs only its own q, k, G and state rows.
