@@ -10,12 +10,17 @@ device-to-device copy bandwidth (bytes read + written) as the HBM ceiling, then:
 - `check`: correctness at real sizes: our kernel (bf16 and fp32 inputs, forward and all four gradients,
   several configs) against the chunked reference in fp32 at HIGHEST precision, DiG-like and extreme
   (-1e-3..-10) gates, and fla's output against the same reference (`..._check.json`);
-- `parts`: each Pallas kernel alone under several tilings (`..._parts.json`); `grad`: gradient-kernel versions
-  end to end; `sweep`: whole-pipeline configs; `short`: configs at DiG's short sequences (S/2 at 256 px:
-  B=32, T=256; at 512 px: B=8, T=1024), where the op is latency-bound; `fp32`: fp32 inputs with IEEE vs
-  TF32 dots in the kernels (time, and error against the fp32 reference); `ktile`: K tiles of the
-  chunk-parallel kernels (`score_block_k`, `grad_block_k`) at wide heads, with fla (`--no_fla` skips it;
-  `--configs tuned` times only the tuned config; a sixth "fp32" field in a --shapes entry runs fp32 inputs).
+- `parts`: each Pallas kernel alone under several tilings (`..._parts.json`); `short`: configs at DiG's short
+  sequences (S/2 at 256 px: B=32, T=256; at 512 px: B=8, T=1024), where the op is latency-bound; `fp32`: fp32
+  inputs with IEEE vs TF32 dots in the kernels (time, and error against the fp32 reference);
+- `variants`: named variants of the tuned config side by side, with fla (`--no_fla` skips it; its first
+  autotuning per head size takes minutes): `--variants "name=field:value,field:value;..."` (KernelConfig
+  fields; `chunk:N` sets the chunk size) or a preset name from VARIANT_PRESETS (`intra`: level scheme vs
+  sub-chunks; `ktile`: session 5's K tiles; `grad`, `sweep`: sessions 1-2's `--mode grad` / `--mode sweep`,
+  now applied on top of the tuned config); `--parts` also times the output and gradient kernels alone per
+  variant; a sixth field "fp32" in a --shapes entry runs fp32 inputs and records each variant's errors;
+- `cumsum`: the XLA glue alone: the gate's chunk-local cumsum and its transpose, per
+  `reference.chunk_local_cumsum` method, and how far the methods differ (`..._cumsum.json`).
 Timing = median over repeats of back-to-back calls after warm-up, rotating three input sets, synchronised with
 block_until_ready / torch.cuda.synchronize. Run `full` and `check` as separate processes with their own
 timeouts: compile and autotuning times (XLA's and fla's) vary a lot.
@@ -363,17 +368,94 @@ def env_info() -> dict:
   return info
 
 
-GRAD_SWEEP = {"grad_v1": dict(grad_version=1), "grad_v2": dict(grad_version=2),
-              "grad_v2_w8": dict(grad_version=2, warps_grad=8),
-              "grad_v2_w2": dict(grad_version=2, warps_grad=2)}
-SWEEP = {
-    "two_pass": gpu.KernelConfig(),
-    "two_pass_no_prefetch": gpu.KernelConfig(prefetch=False),
-    "two_pass_st16": gpu.KernelConfig(state_block_k=16, state_block_v=16),
-    "fused": gpu.KernelConfig(fused=True),
-    "fused_bv32": gpu.KernelConfig(fused=True, fwd_block_v=32),
+VARIANT_PRESETS = {
+    "intra": "levels=intra:levels;subchunk=intra:subchunk",
+    "cumsum": "scan=gate_cumsum:scan;matmul=gate_cumsum:matmul;matmul_bf16x6=gate_cumsum:matmul_bf16x6",
+    "ktile": "s64_g64=score_block_k:64,grad_block_k:64;s32_g64=score_block_k:32,grad_block_k:64;"
+             "s64_g32=score_block_k:64,grad_block_k:32;s32_g32=score_block_k:32,grad_block_k:32",
+    "grad": "grad_v1=grad_version:1;grad_v2=grad_version:2;grad_v2_w8=grad_version:2,warps_grad:8;"
+            "grad_v2_w2=grad_version:2,warps_grad:2",
+    "sweep": "two_pass=fused:false;two_pass_no_prefetch=fused:false,prefetch:false;"
+             "two_pass_st16=fused:false,state_block_k:16,state_block_v:16;fused=fused:true;"
+             "fused_bv32=fused:true,fwd_block_v:32",
 }
-LONG_SHAPES = ((8, 4096, 6, 32, 64), (8, 12544, 6, 32, 64), (2, 50176, 6, 32, 64))  # --mode grad / sweep
+DEFAULT_VARIANT_SHAPES = ((8, 4096, 6, 32, 64), (8, 12544, 6, 32, 64), (2, 50176, 6, 32, 64),
+                          (8, 4096, 6, 64, 64), (8, 12544, 6, 64, 64), (2, 50176, 6, 64, 64))
+
+
+def parse_variants(text: str) -> dict[str, tuple[dict, int | None]]:
+  """"name=field:value,...;..." (or a VARIANT_PRESETS name) -> {name: (KernelConfig overrides, chunk)}."""
+  text = VARIANT_PRESETS.get(text, text)
+  fields = {f.name: f.type for f in dataclasses.fields(gpu.KernelConfig)}
+  variants = {}
+  for item in filter(None, text.split(";")):
+    name, _, spec = item.partition("=")
+    overrides, chunk = {}, None
+    for pair in filter(None, spec.split(",")):
+      key, _, value = pair.partition(":")
+      parsed = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+      if key == "chunk":
+        chunk = int(value)
+      elif key in fields:
+        overrides[key] = parsed
+      else:
+        raise ValueError(f"--variants: {key!r} is not a KernelConfig field ({sorted(fields)}) or 'chunk'")
+    variants[name.strip()] = (overrides, chunk)
+  if not variants:
+    raise ValueError(f"--variants is empty; give 'name=field:value;...' or one of {sorted(VARIANT_PRESETS)}")
+  return variants
+
+
+def cumsum_row(b, t, h, dk, dv) -> dict:
+  """XLA glue before/after the kernels: the chunk-local cumsum of the gate and its transpose, per method."""
+  del dv
+  lg = make_inputs(jax.random.key(2), b, t, h, dk, dk, jnp.float32)[3]
+  cts = jax.random.normal(jax.random.key(3), lg.shape, jnp.float32)
+  row = dict(shape=dict(B=b, T=t, H=h, K=dk), ms={})
+  outs = {}
+  def unbatched_matmul(x):  # the tril GEMM without batch axes (session 6: XLA transposes around it)
+    g = x.reshape(b, t // 64, 64, h, dk)
+    ones = jnp.tril(jnp.ones((64, 64), jnp.float32))
+    return jnp.einsum("rc,bnchd->bnrhd", ones, g, precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
+
+  def algorithm(name):  # the batched tril GEMM under another dot algorithm (some exist on GPUs only)
+    def fn(x):
+      ones = jnp.broadcast_to(jnp.tril(jnp.ones((64, 64), jnp.float32)), (b * t // 64, 64, 64))
+      return jnp.einsum("xrc,xcj->xrj", ones, x.reshape(b * t // 64, 64, h * dk),
+                        precision=getattr(jax.lax.DotAlgorithmPreset, name)).reshape(x.shape)
+    return fn
+  fns = {m: (lambda x, m=m: reference.chunk_local_cumsum(x, 64, m)) for m in reference.CUMSUM_METHODS}
+  for method, fn in dict(fns, matmul_unbatched=unbatched_matmul, matmul_bf16x9=algorithm("BF16_BF16_F32_X9"),
+                           matmul_tf32x3=algorithm("TF32_TF32_F32_X3")).items():
+    transpose = jax.jit(lambda x, ct, fn=fn: jax.vjp(fn, x)[1](ct)[0])
+    try:
+      outs[method] = (jax.jit(fn)(lg), transpose(lg, cts))
+      row["ms"][method] = dict(fwd=time_calls(jax.jit(fn), [(lg,)], jax_sync) * 1e3,
+                               transpose=time_calls(transpose, [(lg, cts)], jax_sync) * 1e3)
+    except Exception as e:  # noqa: BLE001 - an algorithm this backend lacks
+      row["ms"][method] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+  row["rel_diff_vs_scan"] = {m: [rel_err(o[i], outs["scan"][i]) for i in (0, 1)] for m, o in outs.items()}
+  log("cumsum " + json.dumps(row))
+  return row
+
+
+def variant_parts(b, t, h, dk, dv, configs: dict, dtype) -> dict:
+  """ms of the output kernel and of the gradient kernels (dv + dq/dk/dG) alone, per variant."""
+  q, k, v, lg, do = make_inputs(jax.random.key(1), b, t, h, dk, dv, dtype)
+  parts = {}
+  for name, (cfg, chunk) in configs.items():
+    cfg = dataclasses.replace(cfg, scale=dk ** -0.5, chunk_size=chunk or cfg.chunk_size)
+    g = reference.chunk_local_cumsum(lg, cfg.chunk_size)
+    try:
+      hs, ds = gpu._states(k, v, g, cfg), gpu._dstates(q, g, do, cfg)
+      out = time_calls(jax.jit(lambda *a, cfg=cfg: gpu._outputs(*a, cfg)), [(q, k, v, g, hs)], jax_sync)
+      grads = time_calls(jax.jit(lambda *a, cfg=cfg: gpu._grads(*a, cfg)), [(q, k, v, g, do, hs, ds)],
+                         jax_sync)
+      parts[name] = dict(out_ms=out * 1e3, grads_ms=grads * 1e3)
+    except Exception as e:  # noqa: BLE001
+      parts[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+  return parts
+
 
 # (config, chunk) pairs for `--mode short`; None = the tuned default for the shape.
 SHORT_SWEEP = {
@@ -394,13 +476,14 @@ SHORT_SWEEP = {
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--mode", default="full",
-                      choices=["full", "sweep", "check", "parts", "grad", "short", "fp32", "ktile"])
+                      choices=["full", "check", "parts", "short", "fp32", "variants", "cumsum"])
   default_out = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
   parser.add_argument("--out", default=default_out)
   parser.add_argument("--shapes", default="")
-  parser.add_argument("--configs", default="", help="--mode short: comma-separated SHORT_SWEEP names; "
-                      "--mode ktile: 'tuned' times only the tuned config")
-  parser.add_argument("--no_fla", action="store_true", help="--mode ktile: skip fla (its autotuning is slow)")
+  parser.add_argument("--configs", default="", help="--mode short: comma-separated SHORT_SWEEP names")
+  parser.add_argument("--variants", default="intra", help="--mode variants: see the module docstring")
+  parser.add_argument("--parts", action="store_true", help="--mode variants: also time kernels alone")
+  parser.add_argument("--no_fla", action="store_true", help="--mode variants: skip fla")
   args = parser.parse_args()
   shapes = [tuple(int(x) if x.isdigit() else x for x in s.split(",")) for s in args.shapes.split(";")
             if s] if args.shapes else []
@@ -415,8 +498,7 @@ def main() -> None:
   log(f"copy bandwidth: {bw / 1e12:.3f} TB/s")
   slug = card_slug(result["env"]["device"])
 
-  suffix = {"full": "", "check": "_check", "parts": "_parts", "sweep": "_sweep", "grad": "_grad",
-            "short": "_short", "fp32": "_fp32", "ktile": "_ktile"}[args.mode]
+  suffix = "" if args.mode == "full" else f"_{args.mode}"
 
   def save():
     with open(os.path.join(args.out, f"gla_kernel_{slug}{suffix}.json"), "w") as fh:
@@ -439,12 +521,6 @@ def main() -> None:
                                                                                save()))
     elif args.mode == "parts":
       result["parts"] = parts_bench()
-    elif args.mode == "grad":  # one gradient kernel (v1) vs dv + dq/dk/dG kernels (v2), end to end
-      def grad_row(b, t, h, dk, dv):
-        base = gpu.tuned_config((b, t, h, dk), (b, t, h, dv))
-        impls = {name: ours(dataclasses.replace(base, **kw)) for name, kw in GRAD_SWEEP.items()}
-        return bench_shape(b, t, h, dk, dv, impls, None, bw, False)
-      time_shapes(LONG_SHAPES, grad_row)
     elif args.mode == "fp32":  # IEEE vs TF32 dots for fp32 inputs
       def fp32_row(b, t, h, dk, dv):
         tuned = gpu.tuned_config((b, t, h, dk), (b, t, h, dv))
@@ -455,46 +531,36 @@ def main() -> None:
         log("errors " + json.dumps(row["errors"]))
         return row
       time_shapes(shapes or ((32, 256, 6, 32, 64), (8, 4096, 6, 32, 64)), fp32_row)
-    elif args.mode == "ktile":  # K tiles of the chunk-parallel kernels at wide heads (64/64, 128/128)
-      def ktile_row(b, t, h, dk, dv, dtype=jnp.bfloat16):
+    elif args.mode == "variants":
+      variants = parse_variants(args.variants)
+      result["variants"] = args.variants
+
+      def variants_row(b, t, h, dk, dv, dtype=jnp.bfloat16):
         tuned = gpu.tuned_config((b, t, h, dk), (b, t, h, dv), dtype=dtype)
-        # (score_block_k, grad_block_k) pairs; whole-K fp32 kernels at 128 did not finish compiling in 240 s
-        # (session 3), so fp32 rows try tiled ones only.
-        tiles = [(dk, dk), (32, dk), (dk, 32), (32, 32)] if dk <= 64 else [(dk, 32), (64, 32), (32, 32)]
-        if dtype == jnp.float32:
-          tiles = [(64, 32), (32, 32)]
-        configs = {f"ours_s{sk}_g{gk}": (dataclasses.replace(tuned, score_block_k=sk, grad_block_k=gk), None)
-                   for sk, gk in tiles}
-        if args.configs == "tuned":  # the tuned config alone (against fla)
-          configs = {"ours_tuned": (tuned, None)}
-        elif (t, dk) == (12544, 64):  # other knobs, on the best tiles of the first measurement (grad 32)
-          best = dataclasses.replace(tuned, score_block_k=dk, grad_block_k=32)
-          configs.update(ours_g32_chunk32=(best, 32),
-                         ours_g32_warps8=(dataclasses.replace(best, warps_grad=8), None),
-                         ours_g32_bv32=(dataclasses.replace(best, fwd_block_v=32), None),
-                         ours_g32_state16=(dataclasses.replace(best, state_block_k=16), None))
+        configs = {f"ours_{n}": (dataclasses.replace(tuned, **kw), chunk)
+                   for n, (kw, chunk) in variants.items()}
         row = bench_shape(b, t, h, dk, dv, {n: ours(*c) for n, c in configs.items()},
                           fla_fn if dtype == jnp.bfloat16 and not args.no_fla else None, bw,
                           with_attention=False, dtype=dtype)
-        row["dtype"] = jnp.dtype(dtype).name
-        row["tuned"] = dataclasses.asdict(tuned)
+        row.update(dtype=jnp.dtype(dtype).name, tuned=dataclasses.asdict(tuned))
+        if args.parts:
+          row["parts"] = variant_parts(b, t, h, dk, dv, configs, dtype)
+          log("parts " + json.dumps(row["parts"]))
         if dtype == jnp.float32:
           row["errors"] = {n: check_case(b, t, h, dk, dv, "extreme", dtype, c[0], 0)
                            for n, c in configs.items()}
           log("errors " + json.dumps(row["errors"]))
         return row
       # A sixth field "fp32" in --shapes times fp32 inputs (and checks their errors).
-      time_shapes([s[:5] + ((jnp.float32,) if len(s) > 5 else ()) for s in shapes] or [
-          (8, 1024, 6, 64, 64), (8, 4096, 6, 64, 64), (8, 12544, 6, 64, 64), (2, 50176, 6, 64, 64),
-          (8, 4096, 6, 128, 128), (1, 2048, 4, 128, 128, jnp.float32)], ktile_row)
+      time_shapes([s[:5] + ((jnp.float32,) if len(s) > 5 else ()) for s in shapes] or DEFAULT_VARIANT_SHAPES,
+                  variants_row)
+    elif args.mode == "cumsum":
+      result["timings"] = [cumsum_row(*s[:5]) for s in shapes or DEFAULT_VARIANT_SHAPES]
     elif args.mode == "short":
       names = args.configs.split(",") if args.configs else list(SHORT_SWEEP)
       time_shapes(shapes or ((32, 256, 6, 32, 64), (8, 1024, 6, 32, 64)),
                   lambda *s: bench_shape(*s, {n: ours(*SHORT_SWEEP[n]) for n in names}, None, bw,
                                          with_attention=True))
-    elif args.mode == "sweep":
-      time_shapes(LONG_SHAPES, lambda *s: bench_shape(*s, {n: ours(c) for n, c in SWEEP.items()}, None, bw,
-                                                      False))
     else:
       default_shapes = [(8, t, 6, 32, 64) for t in (256, 1024, 4096, 12544)] + [(2, 50176, 6, 32, 64)]
       default_shapes += [(8, t, 6, 64, 64) for t in (1024, 4096, 12544)] + [(2, 50176, 6, 64, 64)]

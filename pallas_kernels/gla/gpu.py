@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.gla import gpu_kernels, reference
+from pallas_kernels.gla import gpu_kernels, gpu_subchunk, reference
 from pallas_kernels.gla.gpu_kernels import KernelConfig
 
 Array = jax.Array
@@ -92,6 +92,17 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
                       grad_block_k=32 if dim_k >= 64 else dim_k)
 
 
+def _check_config(config: KernelConfig) -> None:
+  if config.fp32_dots not in ("ieee", "tf32"):
+    raise ValueError(f"KernelConfig.fp32_dots must be 'ieee' or 'tf32'; got {config.fp32_dots!r}")
+  if config.intra not in ("levels", "subchunk"):
+    raise ValueError(f"KernelConfig.intra must be 'levels' or 'subchunk'; got {config.intra!r}")
+  if config.intra == "subchunk" and (config.grad_version != 2 or not _is_pow2(config.sub_chunk)
+                                     or config.sub_chunk < 16):
+    raise ValueError("KernelConfig.intra='subchunk' needs grad_version=2 and sub_chunk a power of two >= 16; "
+                     f"got grad_version={config.grad_version}, sub_chunk={config.sub_chunk}")
+
+
 def default_chunk_size(tokens: int) -> int:
   """fla's rule: 64, or the next power of two >= 16 for short sequences."""
   return min(64, max(16, 1 << max(0, (tokens - 1).bit_length())))
@@ -124,6 +135,11 @@ def _state_dtype(x: Array):
   return jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16
 
 
+def _bodies(cfg: KernelConfig):
+  """The module with the chunk-parallel kernel bodies of `cfg.intra`'s scheme (same signatures)."""
+  return gpu_subchunk if cfg.intra == "subchunk" else gpu_kernels
+
+
 def _call(kernel, cfg: KernelConfig, warps: int, grid, in_specs, out_specs, out_shape):
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
@@ -148,7 +164,7 @@ def _fused_forward(q, k, v, g, cfg: KernelConfig, save_states: bool):
   if save_states:
     out_shape.append(jax.ShapeDtypeStruct((b, nt, heads, dim_k, dim_v), _state_dtype(q)))
     out_specs.append(pl.BlockSpec((None, nt, None, dim_k, bv), lambda i, j, t: (i, 0, j, 0, t)))
-  kernel = functools.partial(gpu_kernels.fused_fwd_kernel, cfg=cfg, num_chunks=nt, **_common(q, cfg))
+  kernel = functools.partial(_bodies(cfg).fused_fwd_kernel, cfg=cfg, num_chunks=nt, **_common(q, cfg))
   outs = _call(kernel, cfg, cfg.warps_fused, (b, heads, dim_v // bv),
                [_seq_spec(tokens, dim_k), _seq_spec(tokens, dim_k), _seq_spec(tokens, bv, 0),
                 _seq_spec(tokens, dim_k)], out_specs, out_shape)(q, k, v, g)
@@ -185,7 +201,7 @@ def _outputs(q, k, v, g, hs, cfg: KernelConfig):
   b, tokens, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   c, bv = cfg.chunk_size, min(cfg.fwd_block_v, dim_v)
-  kernel = functools.partial(gpu_kernels.out_kernel, cfg=cfg, **_common(q, cfg))
+  kernel = functools.partial(_bodies(cfg).out_kernel, cfg=cfg, **_common(q, cfg))
   return _call(kernel, cfg, cfg.warps_out, (b, heads, tokens // c, dim_v // bv),
                [_chunk_spec(c, dim_k), _chunk_spec(c, dim_k), _chunk_spec(c, bv, True), _chunk_spec(c, dim_k),
                 pl.BlockSpec((None, None, None, dim_k, bv), lambda i, j, n, t: (i, n, j, 0, t))],
@@ -219,7 +235,7 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
                                          jax.ShapeDtypeStruct(g.shape, jnp.float32)])(q, k, v, g, do, hs, ds)
     return dq, dk, dv, dg
   bv = min(cfg.fwd_block_v, dim_v)
-  dv_kernel = functools.partial(gpu_kernels.dv_kernel, cfg=cfg, **common)
+  dv_kernel = functools.partial(_bodies(cfg).dv_kernel, cfg=cfg, **common)
   dv = _call(dv_kernel, cfg, cfg.warps_out, (b, heads, nt, dim_v // bv),
              [chunk_k, chunk_k, chunk_k, _chunk_spec(c, bv, True),
               pl.BlockSpec((None, None, None, dim_k, bv), lambda i, j, n, t: (i, n, j, 0, t))],
@@ -229,7 +245,7 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
   tile_k = pl.BlockSpec((None, c, None, bk), lambda i, j, n, kt: (i, n, j, kt))
   whole_v = pl.BlockSpec((None, c, None, dim_v), lambda i, j, n, kt: (i, n, j, 0))
   state_rows = pl.BlockSpec((None, None, None, bk, dim_v), lambda i, j, n, kt: (i, n, j, kt, 0))
-  dqk_kernel = functools.partial(gpu_kernels.dqk_kernel, cfg=cfg, **common)
+  dqk_kernel = functools.partial(_bodies(cfg).dqk_kernel, cfg=cfg, **common)
   dq, dk, dg = _call(dqk_kernel, cfg, cfg.warps_grad, (b, heads, nt, dim_k // bk),
                      [tile_k, tile_k, whole_v, tile_k, whole_v, state_rows, state_rows],
                      [tile_k, tile_k, tile_k],
@@ -292,11 +308,10 @@ def gla(q: Array, k: Array, v: Array, log_gate: Array, *, chunk_size: int | None
   if config is None:
     config = dataclasses.replace(tuned_config(q.shape, v.shape, c, dtype),
                                  fp32_dots=fp32_dots_from_context())
-  if config.fp32_dots not in ("ieee", "tf32"):
-    raise ValueError(f"KernelConfig.fp32_dots must be 'ieee' or 'tf32'; got {config.fp32_dots!r}")
+  _check_config(config)
   cfg = dataclasses.replace(config, chunk_size=c, interpret=interpret,
                             scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
   qp, kp, vp = (reference.pad_to_chunks(x, c) for x in (q, k, v))
-  g = reference.chunk_local_cumsum(reference.pad_to_chunks(log_gate, c), c)
+  g = reference.chunk_local_cumsum(reference.pad_to_chunks(log_gate, c), c, cfg.gate_cumsum)
   o = gla_chunked_g(qp, kp, vp, g, cfg)
   return o[:, :tokens].astype(out_dtype)

@@ -66,6 +66,9 @@ class KernelConfig:
   stages: int = 2
   prefetch: bool = True       # manual prefetch of the next chunk in the sequential kernels
   fp32_dots: str = "ieee"     # fp32 inputs: "ieee" fp32 dots, or "tf32" tensor-core dots (see `gla`)
+  intra: str = "levels"       # intra-chunk scheme: "levels" (this module) or "subchunk" (gpu_subchunk.py)
+  sub_chunk: int = 16         # "subchunk": rows per sub-chunk
+  gate_cumsum: str = "scan"   # how XLA forms G before the kernels: reference.chunk_local_cumsum's method
   interpret: bool = False
 
 
@@ -149,6 +152,23 @@ def _chunk_output(q, k, v, g, h, g_ref, row_offset, cfg: KernelConfig, mm_dtype,
   a = _scores(qf, kf, g, g_ref, row_offset, cfg.chunk_size, mm_dtype, prec)
   o = o + _mm(a.astype(mm_dtype), v.astype(mm_dtype), prec)
   return o * cfg.scale
+
+
+def diag_block_grads(d_a, qf, kf, g, g_ref, row_offset, rows: int, mm_dtype, prec) -> tuple[Array, Array]:
+  """B4/B5 inside one block of `rows` rows on the diagonal (a chunk, or a sub-chunk of gpu_subchunk).
+
+  d_a: the block's scaled dA, zero above the diagonal; q, k, G: the block's rows (fp32 q, k). Returns the
+  block's contributions to dq and dk, through the level factors of `_scores`.
+  """
+  r, col = _iota((rows, 1), 0), _iota((1, rows), 1)
+  diag_da = jnp.sum(jnp.where(r == col, d_a, 0.0), axis=1)[:, None]
+  dq, dk = diag_da * kf, diag_da * qf
+  for lg in range(_num_levels(rows)):
+    e = _level_factor(g, g_ref, row_offset, rows, lg)
+    d_a_level = jnp.where(_level_mask(rows, lg), d_a, 0.0).astype(mm_dtype)
+    dq = dq + _mm(d_a_level, (kf * e).astype(mm_dtype), prec) * e
+    dk = dk + _mm_tn(d_a_level, (qf * e).astype(mm_dtype), prec) * e
+  return dq, dk
 
 
 def _k_tiles(dim_k: int, block_k: int) -> list:
@@ -348,15 +368,9 @@ def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref,
   delta = _exp(g_last) * hd + jnp.sum(kf * dk, axis=0)
   r, col = _iota((c, 1), 0), _iota((1, c), 1)
   d_a = jnp.where(r >= col, d_a * scale, 0.0)
-  diag_da = jnp.sum(jnp.where(r == col, d_a, 0.0), axis=1)[:, None]
   qf = q_ref[...].astype(jnp.float32)
-  dq = dq + diag_da * kf
-  dk = dk + diag_da * qf
-  for lg in range(_num_levels(c)):
-    e = _level_factor(g, g_ref, 0, c, lg)
-    d_a_level = jnp.where(_level_mask(c, lg), d_a, 0.0).astype(mm_dtype)
-    dq = dq + _mm(d_a_level, (kf * e).astype(mm_dtype), prec) * e
-    dk = dk + _mm_tn(d_a_level, (qf * e).astype(mm_dtype), prec) * e
+  dq_intra, dk_intra = diag_block_grads(d_a, qf, kf, g, g_ref, 0, c, mm_dtype, prec)
+  dq, dk = dq + dq_intra, dk + dk_intra
   dg = qf * dq - kf * dk
   dg = jnp.where(r == c - 1, dg + delta[None, :], dg)
   dq_ref[...] = dq.astype(dq_ref.dtype)

@@ -87,11 +87,35 @@ def pad_to_chunks(x: Array, chunk_size: int) -> Array:
   return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
 
 
-def chunk_local_cumsum(log_gate: Array, chunk_size: int) -> Array:
-  """Inclusive cumulative sum of the log gate inside each chunk, in float32. T must be a multiple of C."""
+CUMSUM_METHODS = ("scan", "matmul", "matmul_bf16x6", "associative")
+_MATMUL_PRECISION = {"matmul": jax.lax.Precision.HIGHEST,
+                     "matmul_bf16x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6}
+
+
+def chunk_local_cumsum(log_gate: Array, chunk_size: int, method: str = "scan") -> Array:
+  """Inclusive cumulative sum of the log gate inside each chunk, in float32. T must be a multiple of C.
+
+  method "scan": `jnp.cumsum` over the chunk axis. "matmul": the same sums as one batched fp32 GEMM, a
+  lower-triangular ones matrix times each chunk's [C, H*D] gates at HIGHEST precision (exact products of ones,
+  fp32 accumulation in another order: equal to within fp32 rounding, ~1e-7 relative). The ones matrix carries
+  an explicit batch axis (one copy per chunk): without it XLA transposes the gates around the GEMM, which made
+  it slower than the scan (`benchmarks/gla_kernel.py --mode cumsum`, NOTES.md). Its transpose, the reverse
+  cumsum of the backward pass, is again one batched GEMM. "associative": `lax.associative_scan` (log2(C)
+  levels of strided adds).
+  """
+  if method not in CUMSUM_METHODS:
+    raise ValueError(f"cumsum method must be one of {CUMSUM_METHODS}; got {method!r}")
   b, t, h, d = log_gate.shape
-  g = log_gate.astype(jnp.float32).reshape(b, t // chunk_size, chunk_size, h, d)
-  return jnp.cumsum(g, axis=2).reshape(b, t, h, d)
+  n, c = b * t // chunk_size, chunk_size
+  if method in _MATMUL_PRECISION:
+    ones = jnp.broadcast_to(jnp.tril(jnp.ones((c, c), jnp.float32)), (n, c, c))
+    g = log_gate.astype(jnp.float32).reshape(n, c, h * d)
+    cum = jnp.einsum("xrc,xcj->xrj", ones, g, precision=_MATMUL_PRECISION[method])
+  elif method == "associative":
+    cum = jax.lax.associative_scan(jnp.add, log_gate.astype(jnp.float32).reshape(n, c, h, d), axis=1)
+  else:
+    cum = jnp.cumsum(log_gate.astype(jnp.float32).reshape(n, c, h, d), axis=1)
+  return cum.reshape(b, t, h, d)
 
 
 def chunked_gla(

@@ -127,6 +127,23 @@ def test_padding_helpers():
   np.testing.assert_array_equal(np.asarray(cum[0, :, 0, 0]), [-1, -2, -3, -4, -1, -2, -3, -4])
 
 
+@pytest.mark.parametrize("method", reference.CUMSUM_METHODS)
+def test_chunk_local_cumsum_methods_match_float64_forward_and_transpose(method):
+  rng = np.random.default_rng()
+  g = -np.exp(rng.uniform(np.log(1e-3), np.log(10.0), (2, 96, 3, 5)))   # 3 chunks of 32
+  ct = rng.standard_normal(g.shape)
+  fn = jax.jit(lambda x: reference.chunk_local_cumsum(x, 32, method))
+  got, vjp = jax.vjp(fn, jnp.asarray(g, jnp.float32))
+  chunks = g.reshape(2, 3, 32, 3, 5)
+  want = np.cumsum(chunks, axis=2).reshape(g.shape)
+  # The transpose is the reverse cumsum inside each chunk.
+  want_grad = np.flip(np.cumsum(np.flip(ct.reshape(chunks.shape), 2), axis=2), 2).reshape(g.shape)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(ct, jnp.float32))[0]), want_grad, rtol=2e-6, atol=1e-5)
+  with pytest.raises(ValueError, match="cumsum method"):
+    reference.chunk_local_cumsum(jnp.zeros((1, 4, 1, 1)), 4, "tree")
+
+
 @pytest.mark.parametrize("t,chunk", [(64, 64), (10, 16), (33, 32)])
 def test_jitted_chunked_matches_float64_including_single_chunk(t, chunk):
   """Under jit, one- and two-chunk sequences must be right too.
