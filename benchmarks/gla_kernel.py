@@ -15,8 +15,8 @@ device-to-device copy bandwidth (bytes read + written) as the HBM ceiling, then:
   inputs with IEEE vs TF32 dots in the kernels (time, and error against the fp32 reference);
 - `variants`: named variants of the tuned config side by side, with fla (`--no_fla` skips it; its first
   autotuning per head size takes minutes): `--variants "name=field:value,field:value;..."` (KernelConfig
-  fields; `chunk:N` sets the chunk size) or a preset name from VARIANT_PRESETS (`intra`: level scheme vs
-  sub-chunks; `ktile`: session 5's K tiles; `grad`, `sweep`: sessions 1-2's `--mode grad` / `--mode sweep`,
+  fields; `chunk:N` sets the chunk size) or a preset name from VARIANT_PRESETS (`cumsum`: the gate's
+  cumsum as a scan or a GEMM; `ktile`: session 5's K tiles; `grad`, `sweep`: sessions 1-2's `--mode grad` / `--mode sweep`,
   now applied on top of the tuned config); `--parts` also times the output and gradient kernels alone per
   variant; a sixth field "fp32" in a --shapes entry runs fp32 inputs and records each variant's errors;
 - `cumsum`: the XLA glue alone: the gate's chunk-local cumsum and its transpose, per
@@ -31,10 +31,7 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 import traceback
 import warnings
 
@@ -48,79 +45,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels.gla import gpu, reference  # noqa: E402
 
-LOG: list[str] = []
-
-
-T_START = time.time()
-
-
-def log(msg: str) -> None:
-  msg = f"[{time.time() - T_START:6.1f}s] {msg}"
-  print(msg, flush=True)
-  LOG.append(msg)
-
-
-def card_slug(kind: str) -> str:
-  for name in ("h200", "h100", "a100", "l4", "b200"):
-    if name in kind.lower():
-      return name
-  return "".join(ch if ch.isalnum() else "_" for ch in kind.lower())
-
-
-# ----------------------------------------------------------------------------------------------------- timing
-
-
-def time_calls(fn, arg_sets, sync, reps: int = 15, target_s: float = 3e-3) -> float:
-  """Median seconds per call over `reps` repeats of back-to-back calls (rotating `arg_sets`)."""
-  for args in arg_sets:
-    sync(fn(*args))
-  t0 = time.perf_counter()
-  sync(fn(*arg_sets[0]))
-  one = time.perf_counter() - t0
-  inner = int(max(1, min(100, target_s / max(one, 1e-6))))
-  times = []
-  for r in range(reps):
-    t0 = time.perf_counter()
-    for i in range(inner):
-      out = fn(*arg_sets[(r * inner + i) % len(arg_sets)])
-    sync(out)
-    times.append((time.perf_counter() - t0) / inner)
-  return statistics.median(times)
-
-
-def jax_sync(x):
-  jax.block_until_ready(x)
-
-
-def copy_bandwidth() -> float:
-  """Bytes read + written per second of a large device copy (jitted x + 1 over 1 GiB fp32)."""
-  x = jnp.ones((256, 1024, 1024), jnp.float32)
-  f = jax.jit(lambda a: a + 1.0)
-  t = time_calls(f, [(x,)], jax_sync, reps=20)
-  return 2 * x.size * 4 / t
-
-
-# ----------------------------------------------------------------------------------------------------- inputs
-
-
-def make_inputs(key, b, t, h, dk, dv, dtype, gates: str = "dig"):
-  ks = jax.random.split(key, 5)
-  q = jax.random.normal(ks[0], (b, t, h, dk), jnp.float32).astype(dtype)
-  k = jax.random.normal(ks[1], (b, t, h, dk), jnp.float32).astype(dtype)
-  v = jax.random.normal(ks[2], (b, t, h, dv), jnp.float32).astype(dtype)
-  if gates == "dig":    # logsigmoid(x)/16, the model's gate
-    lg = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, dk)) * 2.0) / 16.0
-  else:                 # log-uniform magnitudes in [1e-3, 10]
-    lg = -jnp.exp(jax.random.uniform(ks[3], (b, t, h, dk), minval=np.log(1e-3), maxval=np.log(10.0)))
-  do = jax.random.normal(ks[4], (b, t, h, dv), jnp.float32).astype(dtype)
-  return q, k, v, lg, do
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if not np.all(np.isfinite(a)):
-    return float("nan")
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+from benchmarks.bench_common import (LOG, card_slug, copy_bandwidth, env_info, jax_sync,  # noqa: E402
+                                     load_fla, log, make_inputs, rel_err, time_calls, time_fla, to_torch)
 
 
 # ------------------------------------------------------------------------------------------------ impls (JAX)
@@ -143,42 +69,6 @@ def jax_fwd_bwd(f):
 
 def cudnn_attention(q, k, v):
   return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-
-
-# ------------------------------------------------------------------------------------------------ fla (torch)
-
-
-def load_fla():
-  try:
-    import torch  # noqa: F401
-    from fla.ops.gla import chunk_gla
-    import fla
-    return chunk_gla, getattr(fla, "__version__", "?"), None
-  except Exception as e:  # noqa: BLE001 - recorded, not fatal
-    return None, None, f"{type(e).__name__}: {e}"
-
-
-def to_torch(x):
-  import torch
-  return torch.utils.dlpack.from_dlpack(jax.block_until_ready(x))
-
-
-def time_fla(chunk_gla, inputs_sets):
-  import torch
-  sets = []
-  for q, k, v, g, do in inputs_sets:
-    tq, tk, tv, tg, tdo = (to_torch(x).clone() for x in (q, k, v, g.astype(jnp.float32), do))
-    for x in (tq, tk, tv, tg):
-      x.requires_grad_(True)
-    sets.append((tq, tk, tv, tg, tdo))
-  sync = lambda _: torch.cuda.synchronize()
-  with torch.no_grad():
-    fwd = time_calls(lambda q, k, v, g, do: chunk_gla(q, k, v, g)[0], sets, sync)
-
-  def fwd_bwd(q, k, v, g, do):
-    o = chunk_gla(q, k, v, g)[0]
-    return torch.autograd.grad(o, (q, k, v, g), do)
-  return fwd, time_calls(fwd_bwd, sets, sync)
 
 
 # ----------------------------------------------------------------------------------------------------- checks
@@ -347,30 +237,8 @@ def print_table(rows: list[dict], bw: float) -> None:
     log(line)
 
 
-def env_info() -> dict:
-  info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, platform=jax.default_backend())
-  try:
-    import jaxlib
-    info["jaxlib"] = jaxlib.__version__
-  except Exception:  # noqa: BLE001
-    pass
-  for mod in ("triton", "torch"):
-    try:
-      info[mod] = __import__(mod).__version__
-    except Exception as e:  # noqa: BLE001
-      info[mod] = f"unavailable: {e}"
-  try:
-    query = "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit"
-    info["nvidia_smi"] = subprocess.run(["nvidia-smi", query, "--format=csv"], capture_output=True, text=True,
-                                        timeout=30).stdout.strip()
-  except Exception as e:  # noqa: BLE001
-    info["nvidia_smi"] = str(e)
-  return info
-
-
 VARIANT_PRESETS = {
-    "intra": "levels=intra:levels;subchunk=intra:subchunk",
-    "cumsum": "scan=gate_cumsum:scan;matmul=gate_cumsum:matmul;matmul_bf16x6=gate_cumsum:matmul_bf16x6",
+    "cumsum": "scan=gate_cumsum:scan;matmul=gate_cumsum:matmul",
     "ktile": "s64_g64=score_block_k:64,grad_block_k:64;s32_g64=score_block_k:32,grad_block_k:64;"
              "s64_g32=score_block_k:64,grad_block_k:32;s32_g32=score_block_k:32,grad_block_k:32",
     "grad": "grad_v1=grad_version:1;grad_v2=grad_version:2;grad_v2_w8=grad_version:2,warps_grad:8;"
@@ -413,20 +281,25 @@ def cumsum_row(b, t, h, dk, dv) -> dict:
   cts = jax.random.normal(jax.random.key(3), lg.shape, jnp.float32)
   row = dict(shape=dict(B=b, T=t, H=h, K=dk), ms={})
   outs = {}
-  def unbatched_matmul(x):  # the tril GEMM without batch axes (session 6: XLA transposes around it)
-    g = x.reshape(b, t // 64, 64, h, dk)
-    ones = jnp.tril(jnp.ones((64, 64), jnp.float32))
-    return jnp.einsum("rc,bnchd->bnrhd", ones, g, precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
+  chunks = (b, t // 64, 64, h, dk)
+  ones = jnp.tril(jnp.ones((64, 64), jnp.float32))
 
-  def algorithm(name):  # the batched tril GEMM under another dot algorithm (some exist on GPUs only)
+  def unbatched_matmul(x):  # the tril GEMM without batch axes: XLA transposes the gates around it
+    return jnp.einsum("rc,bnchd->bnrhd", ones, x.reshape(chunks),
+                      precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
+
+  def algorithm(name):  # the batched tril GEMM under another dot algorithm (X9 / TF32 X3: GPUs only)
     def fn(x):
-      ones = jnp.broadcast_to(jnp.tril(jnp.ones((64, 64), jnp.float32)), (b * t // 64, 64, 64))
-      return jnp.einsum("xrc,xcj->xrj", ones, x.reshape(b * t // 64, 64, h * dk),
+      n = b * t // 64
+      return jnp.einsum("xrc,xcj->xrj", jnp.broadcast_to(ones, (n, 64, 64)), x.reshape(n, 64, h * dk),
                         precision=getattr(jax.lax.DotAlgorithmPreset, name)).reshape(x.shape)
     return fn
-  fns = {m: (lambda x, m=m: reference.chunk_local_cumsum(x, 64, m)) for m in reference.CUMSUM_METHODS}
-  for method, fn in dict(fns, matmul_unbatched=unbatched_matmul, matmul_bf16x9=algorithm("BF16_BF16_F32_X9"),
-                           matmul_tf32x3=algorithm("TF32_TF32_F32_X3")).items():
+  methods = {m: (lambda x, m=m: reference.chunk_local_cumsum(x, 64, m)) for m in reference.CUMSUM_METHODS}
+  methods.update(matmul_unbatched=unbatched_matmul, matmul_bf16x6=algorithm("BF16_BF16_F32_X6"),
+                 matmul_bf16x9=algorithm("BF16_BF16_F32_X9"), matmul_tf32x3=algorithm("TF32_TF32_F32_X3"),
+                 associative=lambda x: jax.lax.associative_scan(jnp.add, x.reshape(chunks), axis=2).reshape(
+                     x.shape))
+  for method, fn in methods.items():
     transpose = jax.jit(lambda x, ct, fn=fn: jax.vjp(fn, x)[1](ct)[0])
     try:
       outs[method] = (jax.jit(fn)(lg), transpose(lg, cts))
@@ -481,7 +354,7 @@ def main() -> None:
   parser.add_argument("--out", default=default_out)
   parser.add_argument("--shapes", default="")
   parser.add_argument("--configs", default="", help="--mode short: comma-separated SHORT_SWEEP names")
-  parser.add_argument("--variants", default="intra", help="--mode variants: see the module docstring")
+  parser.add_argument("--variants", default="cumsum", help="--mode variants: see the module docstring")
   parser.add_argument("--parts", action="store_true", help="--mode variants: also time kernels alone")
   parser.add_argument("--no_fla", action="store_true", help="--mode variants: skip fla")
   args = parser.parse_args()

@@ -57,7 +57,9 @@ def cell(model: str, px: int, precision: str, *, batch: int | None = None, atten
   computed them before they moved to logged steps only (every other cell: every 100th step, as the loop logs);
   diag="flat_optim": AdamW wrapped in `optax.flatten` (one update over a concatenated vector instead of one
   per parameter leaf); diag="no_barrier": `train_step` without the optimization barrier that keeps XLA from
-  hoisting the log-step norms into every step's optimizer fusions.
+  hoisting the log-step norms into every step's optimizer fusions; diag="gate_cumsum_scan": the GPU GLA op
+  forms its chunk-local gate cumsum with `jnp.cumsum` at every length (`gpu.tuned_config` takes the batched
+  GEMM from 4096 tokens up since session 6).
   """
   is_dig = model.startswith("DiG")
   label = model + ("" if is_dig else f"-{attention}")
@@ -143,6 +145,11 @@ def _build(spec: dict[str, Any]):
     optax.tree.norm = lambda tree, *a, **k: jnp.zeros((), jnp.float32)
   if spec.get("diag") == "no_barrier":  # diagnostic: the log-step norms without train_step's barrier
     jax.lax.optimization_barrier = lambda tree: tree
+  if spec.get("diag") == "gate_cumsum_scan":  # diagnostic: the GPU GLA op's gate cumsum always a scan
+    import dataclasses
+    from pallas_kernels.gla import gpu
+    tuned = gpu.tuned_config
+    gpu.tuned_config = lambda *a, **k: dataclasses.replace(tuned(*a, **k), gate_cumsum="scan")
   latent = spec["px"] // 8
   overrides = dict(input_size=latent, in_channels=4, num_classes=1000, learn_sigma=True,
                    dtype="bfloat16" if spec["precision"] == "bf16" else "float32", remat=spec["remat"])
@@ -312,13 +319,6 @@ def _compile_cost(spec: dict[str, Any]) -> float:
   return depth * (2.0 if spec["model"].startswith("DiG") else 1.0)
 
 
-def card_slug(device_kind: str) -> str:
-  for name in ("h200", "h100", "a100", "l4", "b200", "cpu"):
-    if name in device_kind.lower():
-      return name
-  return "".join(ch if ch.isalnum() else "_" for ch in device_kind.lower())
-
-
 def environment() -> dict[str, Any]:
   import jax
   import jaxlib
@@ -422,6 +422,7 @@ def main() -> None:
   start = time.time()
   os.makedirs(args.out_dir, exist_ok=True)
   env = environment()
+  from benchmarks.bench_common import card_slug
   card = card_slug(env["device_kind"])
   out_stem = os.path.join(args.out_dir, f"model_sweep_{card}{_suffix(args.tag)}")
   out_path = out_stem + ".json"

@@ -3,7 +3,8 @@
 Math and notation: `shared/reference/gla_kernels.md` §1.5 (equations F1-F3, B1-B7). Per (batch, head) the
 tokens are split into chunks of C; G is the chunk-local inclusive cumsum of the log gate (fp32). XLA owns the
 cumsum and its transpose (the reverse cumsum), so the kernels take G and return dG (B6); no kernel needs a
-cumsum.
+cumsum. From 4096 tokens up XLA forms it as a batched fp32 GEMM with a triangular ones matrix
+(`KernelConfig.gate_cumsum`, measured in NOTES.md session 6).
 
 This module builds the `pl.pallas_call`s (grids, BlockSpecs, `pallas.triton.CompilerParams`), picks the tiling
 per shape (`tuned_config`), attaches the backward with `jax.custom_vjp` and exposes `gla`. The kernel bodies,
@@ -24,13 +25,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.gla import gpu_kernels, gpu_subchunk, reference
+from pallas_kernels.gla import gpu_kernels, reference
 from pallas_kernels.gla.gpu_kernels import KernelConfig
 
 Array = jax.Array
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 MIN_DIM, MAX_DIM = 16, 128
 FUSED_MAX_SEQUENCES = 96  # tuned_config: the fused forward only below this many (batch x head) sequences
+GEMM_CUMSUM_MIN_TOKENS = 4096  # tuned_config: the gate cumsum as a GEMM from this many tokens up
 
 
 def _is_pow2(n: int) -> bool:
@@ -79,7 +81,10 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
   kernels (session 5, H100, NOTES.md): the dq/dk/dG kernel runs over K tiles of 32 from K = 64 up
   (`grad_block_k`; 64/64 fwd+bwd 3.70 -> 3.11 ms at B8 T12544); the output and dv kernels contract K whole
   except for fp32 inputs wider than 64 (`score_block_k` 32: whole-K fp32 at 128 did not compile in 240 s),
-  as tiling them was slower at 64/64 (3.70 -> 4.12 ms).
+  as tiling them was slower at 64/64 (3.70 -> 4.12 ms). The gate's chunk-local cumsum is a batched GEMM from
+  GEMM_CUMSUM_MIN_TOKENS tokens up (session 6, H100: the op 4-22 % faster at T >= 4096 in two runs), the
+  `jnp.cumsum` scan below (at DiG-S/2's 256 px step the GEMM made the op faster alone but the model's training
+  step 2 % and its forward 5 % slower in a repeated run, where XLA fuses the scan into the gate's math).
   """
   b, tokens, heads, dim_k = q_shape
   chunk = chunk or default_chunk_size(tokens)
@@ -89,18 +94,16 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
   fp32_wide = jnp.dtype(dtype) == jnp.float32 and dim_k > 64
   return KernelConfig(chunk_size=chunk, fused=fused, state_block_k=16 if programs < 64 else 32,
                       state_block_v=32, score_block_k=32 if fp32_wide else dim_k,
-                      grad_block_k=32 if dim_k >= 64 else dim_k)
+                      grad_block_k=32 if dim_k >= 64 else dim_k,
+                      gate_cumsum="matmul" if tokens >= GEMM_CUMSUM_MIN_TOKENS else "scan")
 
 
 def _check_config(config: KernelConfig) -> None:
   if config.fp32_dots not in ("ieee", "tf32"):
     raise ValueError(f"KernelConfig.fp32_dots must be 'ieee' or 'tf32'; got {config.fp32_dots!r}")
-  if config.intra not in ("levels", "subchunk"):
-    raise ValueError(f"KernelConfig.intra must be 'levels' or 'subchunk'; got {config.intra!r}")
-  if config.intra == "subchunk" and (config.grad_version != 2 or not _is_pow2(config.sub_chunk)
-                                     or config.sub_chunk < 16):
-    raise ValueError("KernelConfig.intra='subchunk' needs grad_version=2 and sub_chunk a power of two >= 16; "
-                     f"got grad_version={config.grad_version}, sub_chunk={config.sub_chunk}")
+  if config.gate_cumsum not in reference.CUMSUM_METHODS:
+    raise ValueError(f"KernelConfig.gate_cumsum must be one of {reference.CUMSUM_METHODS}; "
+                     f"got {config.gate_cumsum!r}")
 
 
 def default_chunk_size(tokens: int) -> int:
@@ -135,11 +138,6 @@ def _state_dtype(x: Array):
   return jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16
 
 
-def _bodies(cfg: KernelConfig):
-  """The module with the chunk-parallel kernel bodies of `cfg.intra`'s scheme (same signatures)."""
-  return gpu_subchunk if cfg.intra == "subchunk" else gpu_kernels
-
-
 def _call(kernel, cfg: KernelConfig, warps: int, grid, in_specs, out_specs, out_shape):
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
@@ -164,7 +162,7 @@ def _fused_forward(q, k, v, g, cfg: KernelConfig, save_states: bool):
   if save_states:
     out_shape.append(jax.ShapeDtypeStruct((b, nt, heads, dim_k, dim_v), _state_dtype(q)))
     out_specs.append(pl.BlockSpec((None, nt, None, dim_k, bv), lambda i, j, t: (i, 0, j, 0, t)))
-  kernel = functools.partial(_bodies(cfg).fused_fwd_kernel, cfg=cfg, num_chunks=nt, **_common(q, cfg))
+  kernel = functools.partial(gpu_kernels.fused_fwd_kernel, cfg=cfg, num_chunks=nt, **_common(q, cfg))
   outs = _call(kernel, cfg, cfg.warps_fused, (b, heads, dim_v // bv),
                [_seq_spec(tokens, dim_k), _seq_spec(tokens, dim_k), _seq_spec(tokens, bv, 0),
                 _seq_spec(tokens, dim_k)], out_specs, out_shape)(q, k, v, g)
@@ -201,7 +199,7 @@ def _outputs(q, k, v, g, hs, cfg: KernelConfig):
   b, tokens, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   c, bv = cfg.chunk_size, min(cfg.fwd_block_v, dim_v)
-  kernel = functools.partial(_bodies(cfg).out_kernel, cfg=cfg, **_common(q, cfg))
+  kernel = functools.partial(gpu_kernels.out_kernel, cfg=cfg, **_common(q, cfg))
   return _call(kernel, cfg, cfg.warps_out, (b, heads, tokens // c, dim_v // bv),
                [_chunk_spec(c, dim_k), _chunk_spec(c, dim_k), _chunk_spec(c, bv, True), _chunk_spec(c, dim_k),
                 pl.BlockSpec((None, None, None, dim_k, bv), lambda i, j, n, t: (i, n, j, 0, t))],
@@ -235,7 +233,7 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
                                          jax.ShapeDtypeStruct(g.shape, jnp.float32)])(q, k, v, g, do, hs, ds)
     return dq, dk, dv, dg
   bv = min(cfg.fwd_block_v, dim_v)
-  dv_kernel = functools.partial(_bodies(cfg).dv_kernel, cfg=cfg, **common)
+  dv_kernel = functools.partial(gpu_kernels.dv_kernel, cfg=cfg, **common)
   dv = _call(dv_kernel, cfg, cfg.warps_out, (b, heads, nt, dim_v // bv),
              [chunk_k, chunk_k, chunk_k, _chunk_spec(c, bv, True),
               pl.BlockSpec((None, None, None, dim_k, bv), lambda i, j, n, t: (i, n, j, 0, t))],
@@ -245,7 +243,7 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
   tile_k = pl.BlockSpec((None, c, None, bk), lambda i, j, n, kt: (i, n, j, kt))
   whole_v = pl.BlockSpec((None, c, None, dim_v), lambda i, j, n, kt: (i, n, j, 0))
   state_rows = pl.BlockSpec((None, None, None, bk, dim_v), lambda i, j, n, kt: (i, n, j, kt, 0))
-  dqk_kernel = functools.partial(_bodies(cfg).dqk_kernel, cfg=cfg, **common)
+  dqk_kernel = functools.partial(gpu_kernels.dqk_kernel, cfg=cfg, **common)
   dq, dk, dg = _call(dqk_kernel, cfg, cfg.warps_grad, (b, heads, nt, dim_k // bk),
                      [tile_k, tile_k, whole_v, tile_k, whole_v, state_rows, state_rows],
                      [tile_k, tile_k, tile_k],

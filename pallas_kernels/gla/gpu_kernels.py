@@ -66,8 +66,6 @@ class KernelConfig:
   stages: int = 2
   prefetch: bool = True       # manual prefetch of the next chunk in the sequential kernels
   fp32_dots: str = "ieee"     # fp32 inputs: "ieee" fp32 dots, or "tf32" tensor-core dots (see `gla`)
-  intra: str = "levels"       # intra-chunk scheme: "levels" (this module) or "subchunk" (gpu_subchunk.py)
-  sub_chunk: int = 16         # "subchunk": rows per sub-chunk
   gate_cumsum: str = "scan"   # how XLA forms G before the kernels: reference.chunk_local_cumsum's method
   interpret: bool = False
 
@@ -155,7 +153,8 @@ def _chunk_output(q, k, v, g, h, g_ref, row_offset, cfg: KernelConfig, mm_dtype,
 
 
 def diag_block_grads(d_a, qf, kf, g, g_ref, row_offset, rows: int, mm_dtype, prec) -> tuple[Array, Array]:
-  """B4/B5 inside one block of `rows` rows on the diagonal (a chunk, or a sub-chunk of gpu_subchunk).
+  """B4/B5 inside one block of `rows` rows on the diagonal of the chunk's dA (a chunk; a sub-chunk in session
+  6's sub-chunk variant, NOTES.md).
 
   d_a: the block's scaled dA, zero above the diagonal; q, k, G: the block's rows (fp32 q, k). Returns the
   block's contributions to dq and dk, through the level factors of `_scores`.

@@ -87,9 +87,7 @@ def pad_to_chunks(x: Array, chunk_size: int) -> Array:
   return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
 
 
-CUMSUM_METHODS = ("scan", "matmul", "matmul_bf16x6", "associative")
-_MATMUL_PRECISION = {"matmul": jax.lax.Precision.HIGHEST,
-                     "matmul_bf16x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6}
+CUMSUM_METHODS = ("scan", "matmul")
 
 
 def chunk_local_cumsum(log_gate: Array, chunk_size: int, method: str = "scan") -> Array:
@@ -99,20 +97,19 @@ def chunk_local_cumsum(log_gate: Array, chunk_size: int, method: str = "scan") -
   lower-triangular ones matrix times each chunk's [C, H*D] gates at HIGHEST precision (exact products of ones,
   fp32 accumulation in another order: equal to within fp32 rounding, ~1e-7 relative). The ones matrix carries
   an explicit batch axis (one copy per chunk): without it XLA transposes the gates around the GEMM, which made
-  it slower than the scan (`benchmarks/gla_kernel.py --mode cumsum`, NOTES.md). Its transpose, the reverse
-  cumsum of the backward pass, is again one batched GEMM. "associative": `lax.associative_scan` (log2(C)
-  levels of strided adds).
+  it slower than the scan. Its transpose, the reverse cumsum of the backward pass, is again one batched GEMM.
+  On an H100 the GEMM form takes 0.08 / 0.15 ms where the scan takes 0.14 / 0.28 ms (B8 T12544 H6, K = 32 /
+  64; `benchmarks/gla_kernel.py --mode cumsum`, pallas_kernels/gla/NOTES.md session 6), so the GPU kernels'
+  wrapper uses it; the default here stays the plain scan (the XLA reference path, CPU, TPU: unmeasured).
   """
   if method not in CUMSUM_METHODS:
     raise ValueError(f"cumsum method must be one of {CUMSUM_METHODS}; got {method!r}")
   b, t, h, d = log_gate.shape
   n, c = b * t // chunk_size, chunk_size
-  if method in _MATMUL_PRECISION:
+  if method == "matmul":
     ones = jnp.broadcast_to(jnp.tril(jnp.ones((c, c), jnp.float32)), (n, c, c))
     g = log_gate.astype(jnp.float32).reshape(n, c, h * d)
-    cum = jnp.einsum("xrc,xcj->xrj", ones, g, precision=_MATMUL_PRECISION[method])
-  elif method == "associative":
-    cum = jax.lax.associative_scan(jnp.add, log_gate.astype(jnp.float32).reshape(n, c, h, d), axis=1)
+    cum = jnp.einsum("xrc,xcj->xrj", ones, g, precision=jax.lax.Precision.HIGHEST)
   else:
     cum = jnp.cumsum(log_gate.astype(jnp.float32).reshape(n, c, h, d), axis=1)
   return cum.reshape(b, t, h, d)

@@ -81,27 +81,11 @@ def test_interpret_fp32_two_pass_no_prefetch_one_grad_kernel_chunk32_k16_v32():
   _check((2, 37, 1, 16, 32), jnp.float32, 32, config, interpret=True)
 
 
-@pytest.mark.parametrize("shape,dtype,chunk,fields", [
-    ((1, 45, 2, 32, 64), jnp.float32, 64, {}),     # 3 sub-chunks + 1 with a 64-row prefix / suffix
-    ((1, 45, 2, 64, 64), jnp.bfloat16, 32, dict(score_block_k=32, grad_block_k=32, fwd_block_v=32,
-                                                grad_block_v=32)),  # K and V tiles, 2 sub-chunks
-    ((1, 100, 1, 16, 32), jnp.float32, 64, dict(fused=True)),  # fused forward: traced chunk offsets
-])
-def test_interpret_subchunk_kernels(shape, dtype, chunk, fields):
-  """intra="subchunk": the sub-chunk output, dv and dq/dk/dG kernels against the reference."""
-  _check(shape, dtype, chunk, gpu.KernelConfig(intra="subchunk", **fields), interpret=True)
-
-
-def test_subchunk_ranges_cover_the_chunk_in_powers_of_two():
-  from pallas_kernels.gla import gpu_subchunk as sub
-  for c, s in ((64, 16), (128, 16), (64, 32), (32, 16)):
-    for i in range(1, c // s):
-      size = sub._prefix_len(i, s)
-      assert size >= i * s and size & (size - 1) == 0 and size <= c
-      start = sub._suffix_start(i - 1, s, c)
-      assert 0 <= start <= i * s and (c - start) & (c - start - 1) == 0
-  assert sub.sub_chunks(gpu.KernelConfig(chunk_size=16, sub_chunk=16)) == (16, 1)
-  assert sub.sub_chunks(gpu.KernelConfig(chunk_size=64, sub_chunk=16)) == (16, 4)
+def test_interpret_gate_cumsum_as_gemm_k16_v32():
+  # Long sequences form G with the GEMM cumsum (tuned_config); the op must stay the same.
+  assert gpu.tuned_config((1, 4096, 2, 16), (1, 4096, 2, 32)).gate_cumsum == "matmul"
+  assert gpu.tuned_config((32, 256, 6, 32), (32, 256, 6, 64)).gate_cumsum == "scan"
+  _check((1, 45, 2, 16, 32), jnp.float32, 16, gpu.KernelConfig(gate_cumsum="matmul"), interpret=True)
 
 
 def test_is_supported_and_input_errors():
@@ -121,12 +105,8 @@ def test_is_supported_and_input_errors():
     gpu.gla(y, y, x, y, interpret=True)
   with pytest.raises(ValueError, match="bf16/fp32"):
     gpu.gla(*(x.astype(jnp.float16) for x in (x, x, x)), x, interpret=True)
-  with pytest.raises(ValueError, match="intra"):
-    gpu.gla(x, x, x, x, interpret=True, config=gpu.KernelConfig(intra="sub"))
-  with pytest.raises(ValueError, match="grad_version=2"):
-    gpu.gla(x, x, x, x, interpret=True, config=gpu.KernelConfig(intra="subchunk", grad_version=1))
-  with pytest.raises(ValueError, match="sub_chunk"):
-    gpu.gla(x, x, x, x, interpret=True, config=gpu.KernelConfig(intra="subchunk", sub_chunk=8))
+  with pytest.raises(ValueError, match="gate_cumsum"):
+    gpu.gla(x, x, x, x, interpret=True, config=gpu.KernelConfig(gate_cumsum="tree"))
 
 
 def test_default_chunk_and_tuned_tiles():
@@ -211,20 +191,9 @@ def test_gpu_matches_reference(shape, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,dtype", [
-    ((2, 1000, 3, 32, 64), jnp.bfloat16), ((1, 777, 2, 64, 64), jnp.float32),
-    ((1, 777, 2, 64, 64), jnp.bfloat16), ((1, 520, 2, 128, 128), jnp.bfloat16)])
-def test_gpu_subchunk_matches_reference(shape, dtype):
-  b, t, h, dk, dv = shape
-  config = dataclasses.replace(gpu.tuned_config((b, t, h, dk), (b, t, h, dv), dtype=dtype), intra="subchunk")
-  _check(shape, dtype, None, config, interpret=False)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("variant", [dict(fused=True), dict(fused=True, prefetch=False), dict(prefetch=False),
                                      dict(state_block_k=16, state_block_v=16), dict(warps_grad=8, stages=3),
-                                     dict(grad_version=1), dict(intra="subchunk", fused=True),
-                                     dict(intra="subchunk", sub_chunk=32), dict(intra="levels")])
+                                     dict(grad_version=1), dict(gate_cumsum="matmul")])
 def test_gpu_kernel_variants_match_reference(variant):
   config = dataclasses.replace(gpu.KernelConfig(), **variant)
   _check((2, 3000, 6, 32, 64), jnp.bfloat16, None, config, interpret=False)
