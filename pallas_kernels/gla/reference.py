@@ -100,7 +100,9 @@ def chunk_local_cumsum(log_gate: Array, chunk_size: int, method: str = "scan") -
   it slower than the scan. Its transpose, the reverse cumsum of the backward pass, is again one batched GEMM.
   On an H100 the GEMM form takes 0.08 / 0.15 ms where the scan takes 0.14 / 0.28 ms (B8 T12544 H6, K = 32 /
   64; `benchmarks/gla_kernel.py --mode cumsum`, pallas_kernels/gla/NOTES.md session 6), so the GPU kernels'
-  wrapper uses it; the default here stays the plain scan (the XLA reference path, CPU, TPU: unmeasured).
+  wrapper uses it from 4096 tokens up (`gpu.tuned_config`; inside a model, where XLA fuses the scan into the
+  gate's own math, the two tied at 4096 tokens and the scan won at 256). The default here stays the scan (the
+  XLA reference path, CPU, TPU: unmeasured).
   """
   if method not in CUMSUM_METHODS:
     raise ValueError(f"cumsum method must be one of {CUMSUM_METHODS}; got {method!r}")
