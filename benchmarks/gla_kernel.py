@@ -254,7 +254,7 @@ DEFAULT_VARIANT_SHAPES = ((8, 4096, 6, 32, 64), (8, 12544, 6, 32, 64), (2, 50176
 def parse_variants(text: str) -> dict[str, tuple[dict, int | None]]:
   """"name=field:value,...;..." (or a VARIANT_PRESETS name) -> {name: (KernelConfig overrides, chunk)}."""
   text = VARIANT_PRESETS.get(text, text)
-  fields = {f.name: f.type for f in dataclasses.fields(gpu.KernelConfig)}
+  fields = {f.name for f in dataclasses.fields(gpu.KernelConfig)}
   variants = {}
   for item in filter(None, text.split(";")):
     name, _, spec = item.partition("=")
@@ -289,11 +289,7 @@ def cumsum_row(b, t, h, dk, dv) -> dict:
                       precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
 
   def algorithm(name):  # the batched tril GEMM under another dot algorithm (X9 / TF32 X3: GPUs only)
-    def fn(x):
-      n = b * t // 64
-      return jnp.einsum("xrc,xcj->xrj", jnp.broadcast_to(ones, (n, 64, 64)), x.reshape(n, 64, h * dk),
-                        precision=getattr(jax.lax.DotAlgorithmPreset, name)).reshape(x.shape)
-    return fn
+    return lambda x: reference.tril_matmul_cumsum(x, 64, getattr(jax.lax.DotAlgorithmPreset, name))
   methods = {m: (lambda x, m=m: reference.chunk_local_cumsum(x, 64, m)) for m in reference.CUMSUM_METHODS}
   methods.update(matmul_unbatched=unbatched_matmul, matmul_bf16x6=algorithm("BF16_BF16_F32_X6"),
                  matmul_bf16x9=algorithm("BF16_BF16_F32_X9"), matmul_tf32x3=algorithm("TF32_TF32_F32_X3"),

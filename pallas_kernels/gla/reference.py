@@ -106,15 +106,20 @@ def chunk_local_cumsum(log_gate: Array, chunk_size: int, method: str = "scan") -
   """
   if method not in CUMSUM_METHODS:
     raise ValueError(f"cumsum method must be one of {CUMSUM_METHODS}; got {method!r}")
+  if method == "matmul":
+    return tril_matmul_cumsum(log_gate, chunk_size, jax.lax.Precision.HIGHEST)
+  b, t, h, d = log_gate.shape
+  cum = jnp.cumsum(log_gate.astype(jnp.float32).reshape(b * t // chunk_size, chunk_size, h, d), axis=1)
+  return cum.reshape(b, t, h, d)
+
+
+def tril_matmul_cumsum(log_gate: Array, chunk_size: int, precision) -> Array:
+  """`chunk_local_cumsum`'s "matmul" form under any dot `precision` (benchmarks compare dot algorithms)."""
   b, t, h, d = log_gate.shape
   n, c = b * t // chunk_size, chunk_size
-  if method == "matmul":
-    ones = jnp.broadcast_to(jnp.tril(jnp.ones((c, c), jnp.float32)), (n, c, c))
-    g = log_gate.astype(jnp.float32).reshape(n, c, h * d)
-    cum = jnp.einsum("xrc,xcj->xrj", ones, g, precision=jax.lax.Precision.HIGHEST)
-  else:
-    cum = jnp.cumsum(log_gate.astype(jnp.float32).reshape(n, c, h, d), axis=1)
-  return cum.reshape(b, t, h, d)
+  ones = jnp.broadcast_to(jnp.tril(jnp.ones((c, c), jnp.float32)), (n, c, c))
+  g = log_gate.astype(jnp.float32).reshape(n, c, h * d)
+  return jnp.einsum("xrc,xcj->xrj", ones, g, precision=precision).reshape(b, t, h, d)
 
 
 def chunked_gla(
