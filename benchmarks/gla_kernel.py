@@ -16,9 +16,11 @@ device-to-device copy bandwidth (bytes read + written) as the HBM ceiling, then:
 - `variants`: named variants of the tuned config side by side, with fla (`--no_fla` skips it; its first
   autotuning per head size takes minutes): `--variants "name=field:value,field:value;..."` (KernelConfig
   fields; `chunk:N` sets the chunk size) or a preset name from VARIANT_PRESETS (`cumsum`: the gate's
-  cumsum as a scan or a GEMM; `ktile`: session 5's K tiles; `grad`, `sweep`: sessions 1-2's `--mode grad` / `--mode sweep`,
-  now applied on top of the tuned config); `--parts` also times the output and gradient kernels alone per
-  variant; a sixth field "fp32" in a --shapes entry runs fp32 inputs and records each variant's errors;
+  cumsum as a scan or a GEMM; `ktile`: session 5's K tiles; `intra`: one reference row vs the levels, and
+  chunk sizes; `grad`, `sweep`: sessions 1-2's `--mode grad` / `--mode sweep`, now applied on top of the
+  tuned config); `--parts` also times the output and gradient kernels alone per variant; `--gates extreme`
+  times log-uniform 1e-3..10 gates instead of DiG's (the one-row path's fallback to the levels); a sixth
+  field "fp32" in a --shapes entry runs fp32 inputs and records each variant's errors;
 - `cumsum`: the XLA glue alone: the gate's chunk-local cumsum and its transpose, per
   `reference.chunk_local_cumsum` method, and how far the methods differ (`..._cumsum.json`).
 Timing = median over repeats of back-to-back calls after warm-up, rotating three input sets, synchronised with
@@ -186,8 +188,8 @@ def min_fwd_bytes(b, t, h, dk, dv):
 
 
 def bench_shape(b, t, h, dk, dv, impls: dict, fla_fn, bw: float, with_attention: bool,
-                dtype=jnp.bfloat16) -> dict:
-  sets = [make_inputs(jax.random.key(s), b, t, h, dk, dv, dtype) for s in range(3)]
+                dtype=jnp.bfloat16, gates: str = "dig") -> dict:
+  sets = [make_inputs(jax.random.key(s), b, t, h, dk, dv, dtype, gates) for s in range(3)]
   row = dict(shape=dict(B=b, T=t, H=h, K=dk, V=dv), ms={})
   floor_s = min_fwd_bytes(b, t, h, dk, dv) / bw
   row["hbm_floor_fwd_ms"] = floor_s * 1e3
@@ -243,6 +245,7 @@ VARIANT_PRESETS = {
              "s64_g32=score_block_k:64,grad_block_k:32;s32_g32=score_block_k:32,grad_block_k:32",
     "grad": "grad_v1=grad_version:1;grad_v2=grad_version:2;grad_v2_w8=grad_version:2,warps_grad:8;"
             "grad_v2_w2=grad_version:2,warps_grad:2",
+    "intra": "adaptive=intra:adaptive;levels=intra:levels",
     "sweep": "two_pass=fused:false;two_pass_no_prefetch=fused:false,prefetch:false;"
              "two_pass_st16=fused:false,state_block_k:16,state_block_v:16;fused=fused:true;"
              "fused_bv32=fused:true,fwd_block_v:32",
@@ -353,6 +356,9 @@ def main() -> None:
   parser.add_argument("--variants", default="cumsum", help="--mode variants: see the module docstring")
   parser.add_argument("--parts", action="store_true", help="--mode variants: also time kernels alone")
   parser.add_argument("--no_fla", action="store_true", help="--mode variants: skip fla")
+  parser.add_argument("--gates", default="dig", choices=["dig", "extreme"],
+                      help="--mode variants: DiG-like gates, or log-uniform 1e-3..10 per step (decay spans "
+                           "beyond the one-reference-row limit: the levels' fallback)")
   args = parser.parse_args()
   shapes = [tuple(int(x) if x.isdigit() else x for x in s.split(",")) for s in args.shapes.split(";")
             if s] if args.shapes else []
@@ -403,6 +409,7 @@ def main() -> None:
     elif args.mode == "variants":
       variants = parse_variants(args.variants)
       result["variants"] = args.variants
+      suffix += "" if args.gates == "dig" else f"_{args.gates}"
 
       def variants_row(b, t, h, dk, dv, dtype=jnp.bfloat16):
         tuned = gpu.tuned_config((b, t, h, dk), (b, t, h, dv), dtype=dtype)
@@ -410,8 +417,8 @@ def main() -> None:
                    for n, (kw, chunk) in variants.items()}
         row = bench_shape(b, t, h, dk, dv, {n: ours(*c) for n, c in configs.items()},
                           fla_fn if dtype == jnp.bfloat16 and not args.no_fla else None, bw,
-                          with_attention=False, dtype=dtype)
-        row.update(dtype=jnp.dtype(dtype).name, tuned=dataclasses.asdict(tuned))
+                          with_attention=False, dtype=dtype, gates=args.gates)
+        row.update(dtype=jnp.dtype(dtype).name, gates=args.gates, tuned=dataclasses.asdict(tuned))
         if args.parts:
           row["parts"] = variant_parts(b, t, h, dk, dv, configs, dtype)
           log("parts " + json.dumps(row["parts"]))

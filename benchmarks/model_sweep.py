@@ -59,7 +59,8 @@ def cell(model: str, px: int, precision: str, *, batch: int | None = None, atten
   per parameter leaf); diag="no_barrier": `train_step` without the optimization barrier that keeps XLA from
   hoisting the log-step norms into every step's optimizer fusions; diag="gate_cumsum_scan": the GPU GLA op
   forms its chunk-local gate cumsum with `jnp.cumsum` at every length (`gpu.tuned_config` takes the batched
-  GEMM from 4096 tokens up since session 6).
+  GEMM from 4096 tokens up since session 6); diag="intra_levels": the GPU GLA kernels' intra-chunk scores
+  always through the levels (before session 7: no one-reference-row path).
   """
   is_dig = model.startswith("DiG")
   label = model + ("" if is_dig else f"-{attention}")
@@ -94,6 +95,10 @@ def sweep_cells(quick: bool) -> list[dict[str, Any]]:
 def _suffix(tag: str) -> str:
   """"--tag 256_x" -> "_256_x" (the file names read model_sweep_<card>_<tag>)."""
   return tag if not tag or tag.startswith("_") else "_" + tag
+
+
+# diag names that change the GPU GLA op's KernelConfig (see `cell`).
+DIAG_KERNEL_OVERRIDES = {"gate_cumsum_scan": dict(gate_cumsum="scan"), "intra_levels": dict(intra="levels")}
 
 
 def extra_cells(spec: str) -> list[dict[str, Any]]:
@@ -145,11 +150,12 @@ def _build(spec: dict[str, Any]):
     optax.tree.norm = lambda tree, *a, **k: jnp.zeros((), jnp.float32)
   if spec.get("diag") == "no_barrier":  # diagnostic: the log-step norms without train_step's barrier
     jax.lax.optimization_barrier = lambda tree: tree
-  if spec.get("diag") == "gate_cumsum_scan":  # diagnostic: the GPU GLA op's gate cumsum always a scan
+  kernel_overrides = DIAG_KERNEL_OVERRIDES.get(spec.get("diag", ""))
+  if kernel_overrides:  # diagnostic: the GPU GLA op with other KernelConfig fields than gpu.tuned_config's
     import dataclasses
     from pallas_kernels.gla import gpu
     tuned = gpu.tuned_config
-    gpu.tuned_config = lambda *a, **k: dataclasses.replace(tuned(*a, **k), gate_cumsum="scan")
+    gpu.tuned_config = lambda *a, **k: dataclasses.replace(tuned(*a, **k), **kernel_overrides)
   latent = spec["px"] // 8
   overrides = dict(input_size=latent, in_channels=4, num_classes=1000, learn_sigma=True,
                    dtype="bfloat16" if spec["precision"] == "bf16" else "float32", remat=spec["remat"])

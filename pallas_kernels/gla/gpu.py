@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gla import gpu_kernels, reference
-from pallas_kernels.gla.gpu_kernels import KernelConfig
+from pallas_kernels.gla.gpu_kernels import INTRA_MODES, KernelConfig
 
 Array = jax.Array
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
@@ -104,6 +104,8 @@ def _check_config(config: KernelConfig) -> None:
   if config.gate_cumsum not in reference.CUMSUM_METHODS:
     raise ValueError(f"KernelConfig.gate_cumsum must be one of {reference.CUMSUM_METHODS}; "
                      f"got {config.gate_cumsum!r}")
+  if config.intra not in INTRA_MODES:
+    raise ValueError(f"KernelConfig.intra must be one of {INTRA_MODES}; got {config.intra!r}")
 
 
 def default_chunk_size(tokens: int) -> int:

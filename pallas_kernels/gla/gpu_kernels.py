@@ -19,14 +19,23 @@ Kernels (tensors stay in [batch, tokens, heads, dim]; each gets one (batch, head
 The sequential loops prefetch the next chunk's tiles before this chunk's math (`prefetch`): Triton's pipeliner
 does not overlap loads that feed element-wise math, and without it each step waits a full memory latency.
 
-Intra-chunk numerics (the only place where exponents need care): a multi-level version of fla's secondary
-chunking. For each level L = C/2, C/4, ..., 1 the chunk splits into blocks of 2L rows; the pairs (r, c) with r
-in the second half and c in the first half of one block get the reference row m = the last row of the first
-half, so exp(G_r - G_c) = exp(G_r - G_m) * exp(G_m - G_c), both exponents <= 0. Each row is query-side or
-key-side at a level, never both, so a level costs one exp per (row, channel) and one C x C x K matmul; every
-strictly-lower pair belongs to exactly one level, and the diagonal (r = c, decay 1) is an exact fp32 row dot.
-No positive number is ever exponentiated, so any gate <= 0 is safe without a clamp (tested down to -10 per
-step); for bf16 inputs the factors are rounded to bf16 for the tensor cores, as in fla's off-diagonal blocks.
+Intra-chunk numerics (the only place where exponents need care). The scores need exp(G_r - G_c) for c < r.
+Where a chunk's decay span is moderate (every |G_r - G_m| <= SPAN_LIMIT = 30 for the middle row m, checked per
+chunk and K tile at run time), one reference row serves all pairs: A = (q e^(G - G_m)) (k e^(G_m - G))^T, one
+C x C x K product, both factors within e^+-30 (no overflow or subnormal; the masked upper triangle stays below
+e^60). Its operands are kept in fp32 (TF32 tensor-core dots for bf16 inputs): rounded to bf16, the factors'
+errors do not cancel in dG = q dq - k dk (2e-2 against the levels' 9e-3 dG error at 0.5-0.9 per-step gates;
+TF32 operands, simulated on CPU: 4e-3). DiG's gates (log-sigmoid / 16) always take this path, and with them
+the op is 1.1-1.4x faster (fwd+bwd, H100, NOTES.md session 7). Chunks beyond the limit
+(strong gates: about > 0.9 per step on average over half a chunk) take `lax.cond`'s other branch, the levels:
+a multi-level version of fla's secondary chunking. For each level L = C/2, C/4, ..., 1 the chunk splits into
+blocks of 2L rows; the pairs (r, c) with r in the second half and c in the first half of one block get the
+reference row m = the last row of the first half, so exp(G_r - G_c) = exp(G_r - G_m) * exp(G_m - G_c), both
+exponents <= 0. Each row is query-side or key-side at a level, never both, so a level costs one exp per (row,
+channel) and one C x C x K matmul; every strictly-lower pair belongs to exactly one level, and the diagonal (r
+= c, decay 1) is an exact fp32 row dot. No positive number is ever exponentiated, so any gate <= 0 is safe
+without a clamp (tested down to -10 per step); for bf16 inputs the factors are rounded to bf16 for the tensor
+cores, as in fla's off-diagonal blocks.
 Deviations from fla: (1) fla computes the 16 x 16 diagonal blocks element-wise in fp32 (16 exps per (token,
 channel)); here the finest levels replace them, log2(C) = 6 exps per (token, channel) at C = 64; (2) h_n is
 saved by the forward pass (bf16 for bf16 inputs, as fla stores it in its forward) instead of being recomputed
@@ -44,6 +53,11 @@ from jax.experimental import pallas as pl
 
 Array = jax.Array
 LOG2E = math.log2(math.e)
+INTRA_MODES = ("adaptive", "levels")
+# The one-reference-row path is taken where every |G[r, k] - G[m, k]| of a chunk (and K tile) is <= this:
+# its factors then lie in [e^-30, e^30] (no fp32/bf16 overflow or subnormal for any O(1e3) input, and the
+# masked upper-triangle products stay below e^60), while each factor keeps its 8 (bf16) / 24 bit mantissa.
+SPAN_LIMIT = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +81,9 @@ class KernelConfig:
   prefetch: bool = True       # manual prefetch of the next chunk in the sequential kernels
   fp32_dots: str = "ieee"     # fp32 inputs: "ieee" fp32 dots, or "tf32" tensor-core dots (see `gla`)
   gate_cumsum: str = "scan"   # how XLA forms G before the kernels: reference.chunk_local_cumsum's method
+  intra: str = "adaptive"     # intra-chunk scores: "adaptive" (one reference row where the chunk's decay
+                              # span allows, else levels; see SPAN_LIMIT) or "levels" (always the levels;
+                              # grad_version=1's one gradient kernel always uses them)
   interpret: bool = False
 
 
@@ -128,46 +145,88 @@ def _num_levels(chunk: int) -> int:
   return chunk.bit_length() - 1
 
 
-def _scores(qf, kf, g, g_ref, row_offset, chunk, mm_dtype, prec, cols=slice(None)) -> Array:
+def _mid_row_factors(g: Array, g_mid: Array) -> tuple[Array, Array]:
+  """exp(G - G_m) (query side) and exp(G_m - G) (key side) for the reference row m = the chunk's middle."""
+  diff = g - g_mid[None, :]
+  return _exp(diff), _exp(-diff)
+
+
+def _single_reference(g: Array, g_ref, row_offset, chunk: int, cols, cfg: KernelConfig):
+  """(use it?, G_m): whether this chunk's decay span allows the one-reference-row path (a traced bool)."""
+  if cfg.intra == "levels":
+    return False, None
+  g_mid = g_ref[row_offset + chunk // 2, cols]
+  return jnp.max(jnp.abs(g - g_mid[None, :])) <= SPAN_LIMIT, g_mid
+
+
+def _adaptive(use_single, single, levels):
+  """`single()` where the span allows (one C x C x K product), else `levels()` (log2(C) products)."""
+  if use_single is False:
+    return levels()
+  return jax.lax.cond(use_single, single, levels)
+
+
+def _scores(qf, kf, g, g_ref, row_offset, chunk, mm_dtype, prec, cfg: KernelConfig, cols=slice(None)):
   """Unscaled intra-chunk scores A[r, c] = sum_k q[r,k] k[c,k] exp(G[r,k] - G[c,k]) for c <= r, else 0.
 
   The sum runs over the channels given (the columns `cols` of `g_ref`); K tiles add up.
   """
   r, c = _iota((chunk, 1), 0), _iota((1, chunk), 1)
-  a = jnp.where(r == c, jnp.sum(qf * kf, axis=1)[:, None], 0.0)
-  lvl = _level_matrix(chunk)
-  for lg in range(_num_levels(chunk)):
-    e = _level_factor(g, g_ref, row_offset, chunk, lg, cols)
-    s = _mm_nt((qf * e).astype(mm_dtype), (kf * e).astype(mm_dtype), prec)
-    a = jnp.where(lvl == lg, s, a)
-  return a
+
+  def single():
+    e_q, e_k = _mid_row_factors(g, g_mid)
+    s = _mm_nt(qf * e_q, kf * e_k, prec)  # fp32 operands: TF32 dots for bf16 inputs (DEFAULT precision)
+    return jnp.where(r >= c, s, 0.0)
+
+  def levels():
+    lvl = _level_matrix(chunk)
+    out = jnp.where(r == c, jnp.sum(qf * kf, axis=1)[:, None], 0.0)  # the diagonal: an exact fp32 row dot
+    for lg in range(_num_levels(chunk)):
+      e = _level_factor(g, g_ref, row_offset, chunk, lg, cols)
+      s = _mm_nt((qf * e).astype(mm_dtype), (kf * e).astype(mm_dtype), prec)
+      out = jnp.where(lvl == lg, s, out)
+    return out
+
+  use_single, g_mid = _single_reference(g, g_ref, row_offset, chunk, cols, cfg)
+  return _adaptive(use_single, single, levels)
 
 
 def _chunk_output(q, k, v, g, h, g_ref, row_offset, cfg: KernelConfig, mm_dtype, prec) -> Array:
   """F3 for one chunk and one V tile: scale * ((q * e^G) @ h + A @ v), fp32."""
   qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
   o = _mm((qf * _exp(g)).astype(mm_dtype), h.astype(mm_dtype), prec)
-  a = _scores(qf, kf, g, g_ref, row_offset, cfg.chunk_size, mm_dtype, prec)
+  a = _scores(qf, kf, g, g_ref, row_offset, cfg.chunk_size, mm_dtype, prec, cfg)
   o = o + _mm(a.astype(mm_dtype), v.astype(mm_dtype), prec)
   return o * cfg.scale
 
 
-def diag_block_grads(d_a, qf, kf, g, g_ref, row_offset, rows: int, mm_dtype, prec) -> tuple[Array, Array]:
+def diag_block_grads(d_a, qf, kf, g, g_ref, row_offset, rows: int, mm_dtype, prec,
+                     cfg: KernelConfig) -> tuple[Array, Array]:
   """B4/B5 inside one block of `rows` rows on the diagonal of the chunk's dA (a chunk; a sub-chunk in session
   6's sub-chunk variant, NOTES.md).
 
   d_a: the block's scaled dA, zero above the diagonal; q, k, G: the block's rows (fp32 q, k). Returns the
-  block's contributions to dq and dk, through the level factors of `_scores`.
+  block's contributions to dq and dk, through the factors `_scores` used (one reference row or the levels).
   """
-  r, col = _iota((rows, 1), 0), _iota((1, rows), 1)
-  diag_da = jnp.sum(jnp.where(r == col, d_a, 0.0), axis=1)[:, None]
-  dq, dk = diag_da * kf, diag_da * qf
-  for lg in range(_num_levels(rows)):
-    e = _level_factor(g, g_ref, row_offset, rows, lg)
-    d_a_level = jnp.where(_level_mask(rows, lg), d_a, 0.0).astype(mm_dtype)
-    dq = dq + _mm(d_a_level, (kf * e).astype(mm_dtype), prec) * e
-    dk = dk + _mm_tn(d_a_level, (qf * e).astype(mm_dtype), prec) * e
-  return dq, dk
+  def single():
+    e_q, e_k = _mid_row_factors(g, g_mid)
+    dq = _mm(d_a, kf * e_k, prec) * e_q       # fp32 operands, as in `_scores`
+    dk = _mm_tn(d_a, qf * e_q, prec) * e_k
+    return dq, dk
+
+  def levels():
+    r, col = _iota((rows, 1), 0), _iota((1, rows), 1)
+    diag_da = jnp.sum(jnp.where(r == col, d_a, 0.0), axis=1)[:, None]
+    dq, dk = diag_da * kf, diag_da * qf
+    for lg in range(_num_levels(rows)):
+      e = _level_factor(g, g_ref, row_offset, rows, lg)
+      d_a_level = jnp.where(_level_mask(rows, lg), d_a, 0.0).astype(mm_dtype)
+      dq = dq + _mm(d_a_level, (kf * e).astype(mm_dtype), prec) * e
+      dk = dk + _mm_tn(d_a_level, (qf * e).astype(mm_dtype), prec) * e
+    return dq, dk
+
+  use_single, g_mid = _single_reference(g, g_ref, row_offset, rows, slice(None), cfg)
+  return _adaptive(use_single, single, levels)
 
 
 def _k_tiles(dim_k: int, block_k: int) -> list:
@@ -242,7 +301,7 @@ def out_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, cfg, mm_dtype, prec)
   for cols in _k_tiles(q_ref.shape[-1], cfg.score_block_k):
     qf, kf, g = q_ref[:, cols].astype(jnp.float32), k_ref[:, cols].astype(jnp.float32), g_ref[:, cols]
     inter = _mm((qf * _exp(g)).astype(mm_dtype), h_ref[cols, :].astype(mm_dtype), prec)
-    scores = _scores(qf, kf, g, g_ref, 0, cfg.chunk_size, mm_dtype, prec, cols)
+    scores = _scores(qf, kf, g, g_ref, 0, cfg.chunk_size, mm_dtype, prec, cfg, cols)
     o, a = (inter, scores) if o is None else (o + inter, a + scores)
   o = o + _mm(a.astype(mm_dtype), v_ref[...].astype(mm_dtype), prec)
   o_ref[...] = (o * cfg.scale).astype(o_ref.dtype)
@@ -333,7 +392,7 @@ def dv_kernel(q_ref, k_ref, g_ref, do_ref, d_ref, dv_ref, *, cfg, mm_dtype, prec
   for cols in _k_tiles(q_ref.shape[-1], cfg.score_block_k):
     g, g_last = g_ref[:, cols], g_ref[c - 1, cols]
     kf = k_ref[:, cols].astype(jnp.float32)
-    scores = _scores(q_ref[:, cols].astype(jnp.float32), kf, g, g_ref, 0, c, mm_dtype, prec, cols)
+    scores = _scores(q_ref[:, cols].astype(jnp.float32), kf, g, g_ref, 0, c, mm_dtype, prec, cfg, cols)
     k_dec = (kf * _exp(g_last[None, :] - g)).astype(mm_dtype)
     tile_inter = _mm(k_dec, d_ref[cols, :].astype(mm_dtype), prec)
     a, inter = (scores, tile_inter) if a is None else (a + scores, inter + tile_inter)
@@ -368,7 +427,7 @@ def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref,
   r, col = _iota((c, 1), 0), _iota((1, c), 1)
   d_a = jnp.where(r >= col, d_a * scale, 0.0)
   qf = q_ref[...].astype(jnp.float32)
-  dq_intra, dk_intra = diag_block_grads(d_a, qf, kf, g, g_ref, 0, c, mm_dtype, prec)
+  dq_intra, dk_intra = diag_block_grads(d_a, qf, kf, g, g_ref, 0, c, mm_dtype, prec, cfg)
   dq, dk = dq + dq_intra, dk + dk_intra
   dg = qf * dq - kf * dk
   dg = jnp.where(r == c - 1, dg + delta[None, :], dg)

@@ -17,9 +17,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from pallas_kernels.gla import gpu, reference
+from pallas_kernels.gla import gpu, gpu_kernels, reference
 from tests.pallas_kernels.gla.gla_test_utils import fresh_rng, random_inputs, rel_err
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
@@ -32,10 +33,10 @@ def _fwd_and_grads(fn, q, k, v, g, do):
   return jax.jit(run)(q, k, v, g, do)
 
 
-def _check(shape, dtype, chunk, config, interpret, seed_rng=None):
+def _check(shape, dtype, chunk, config, interpret, seed_rng=None, gates=(1e-3, 10.0)):
   rng, seed = seed_rng or fresh_rng()
   b, t, h, dk, dv = shape
-  q, k, v, g = random_inputs(rng, b, t, h, dk, dv)
+  q, k, v, g = random_inputs(rng, b, t, h, dk, dv, *gates)
   do = rng.standard_normal((b, t, h, dv)).astype("float32")
   q, k, v, do = (jnp.asarray(x, dtype) for x in (q, k, v, do))
   got = _fwd_and_grads(lambda *a: gpu.gla(*a, chunk_size=chunk, interpret=interpret, config=config),
@@ -47,7 +48,8 @@ def _check(shape, dtype, chunk, config, interpret, seed_rng=None):
   for name, a, r in zip(("o", "dq", "dk", "dv", "dg"), got, want):
     assert a.shape == r.shape, name
     err = rel_err(jnp.asarray(a, jnp.float32), r)
-    assert err < TOL[dtype], (name, err, seed, shape, dtype, config)
+    assert err < TOL[dtype], (name, err, seed, shape, dtype, config, gates)
+  return got
 
 
 # ------------------------------------------------------------------------------------------- interpret (CPU)
@@ -86,6 +88,38 @@ def test_interpret_gate_cumsum_as_gemm_k16_v32():
   assert gpu.tuned_config((1, 4096, 2, 16), (1, 4096, 2, 32)).gate_cumsum == "matmul"
   assert gpu.tuned_config((32, 256, 6, 32), (32, 256, 6, 64)).gate_cumsum == "scan"
   _check((1, 45, 2, 16, 32), jnp.float32, 16, gpu.KernelConfig(gate_cumsum="matmul"), interpret=True)
+
+
+def test_interpret_one_reference_row_where_the_decay_span_allows(monkeypatch):
+  """`intra="adaptive"` (the default) takes one reference row per chunk where every |G_r - G_m| <= SPAN_LIMIT
+  and the levels elsewhere. Both gate regimes match the reference in fp32 and bf16: mild gates (|g| <= 1 per
+  step: half-chunk spans <= 16 in 32-row chunks) and strong ones (|g| >= 2.5: spans >= 37; >= 90 at
+  |g| >= 6, where the one-row path, forced, overflows fp32 and fails the check). Which path ran, told
+  apart by the limit (read at trace time): with mild bf16 inputs the default gives what the forced one-row
+  path gives, and differs from the forced levels (TF32 vs bf16 factor operands). T = 80 leaves a padded last
+  chunk (16 real rows, constant G below). The other tests' gates (log-uniform 1e-3..10) mix both paths."""
+  _, seed = fresh_rng()
+  mild, strong, extreme = (1e-3, 1.0), (2.5, 6.0), (6.0, 10.0)
+
+  def run(gates, dtype=jnp.bfloat16):
+    return _check((1, 80, 2, 16, 32), dtype, 32, gpu.KernelConfig(fused=False), interpret=True,
+                  seed_rng=(np.random.default_rng(seed), seed), gates=gates)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    run(strong, dtype)
+  run(extreme)
+  default = run(mild)
+  monkeypatch.setattr(gpu_kernels, "SPAN_LIMIT", -1.0)   # never the one-row path
+  levels = run(mild)
+  monkeypatch.setattr(gpu_kernels, "SPAN_LIMIT", float("inf"))  # always
+  one_row = run(mild, jnp.float32) and run(mild)
+  for name, a, b, c in zip(("o", "dq", "dk", "dv", "dg"), default, one_row, levels):
+    a, b, c = (jnp.asarray(x, jnp.float32) for x in (a, b, c))
+    assert rel_err(a, b) < 1e-6 < 1e-4 < rel_err(a, c), (name, rel_err(a, b), rel_err(a, c), seed)
+  with pytest.raises(AssertionError):
+    run(extreme)
+  with pytest.raises(ValueError, match="intra"):
+    x = jnp.zeros((1, 8, 1, 16), jnp.float32)
+    gpu.gla(x, x, x, x, interpret=True, config=gpu.KernelConfig(intra="dense"))
 
 
 def test_is_supported_and_input_errors():
@@ -191,9 +225,18 @@ def test_gpu_matches_reference(shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("gates", [(1e-3, 0.9), (0.5, 0.9)])
+def test_gpu_one_reference_row_at_real_sizes(gates, dtype):
+  # Gates up to 0.9 per step: every 64-row chunk's half-spans stay below SPAN_LIMIT (32 x 0.9 = 28.8), so the
+  # one-row path runs everywhere; (0.5, 0.9) puts the factors near e^+-29.
+  _check((2, 1000, 3, 32, 64), dtype, None, None, interpret=False, gates=gates)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", [dict(fused=True), dict(fused=True, prefetch=False), dict(prefetch=False),
                                      dict(state_block_k=16, state_block_v=16), dict(warps_grad=8, stages=3),
-                                     dict(grad_version=1), dict(gate_cumsum="matmul")])
+                                     dict(grad_version=1), dict(gate_cumsum="matmul"), dict(intra="levels")])
 def test_gpu_kernel_variants_match_reference(variant):
   config = dataclasses.replace(gpu.KernelConfig(), **variant)
   _check((2, 3000, 6, 32, 64), jnp.bfloat16, None, config, interpret=False)
