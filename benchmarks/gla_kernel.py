@@ -15,12 +15,12 @@ device-to-device copy bandwidth (bytes read + written) as the HBM ceiling, then:
   inputs with IEEE vs TF32 dots in the kernels (time, and error against the fp32 reference);
 - `variants`: named variants of the tuned config side by side, with fla (`--no_fla` skips it; its first
   autotuning per head size takes minutes): `--variants "name=field:value,field:value;..."` (KernelConfig
-  fields; `chunk:N` sets the chunk size) or a preset name from VARIANT_PRESETS (`cumsum`: the gate's
-  cumsum as a scan or a GEMM; `ktile`: session 5's K tiles; `intra`: one reference row vs the levels, and
-  chunk sizes; `grad`, `sweep`: sessions 1-2's `--mode grad` / `--mode sweep`, now applied on top of the
-  tuned config); `--parts` also times the output and gradient kernels alone per variant; `--gates extreme`
-  times log-uniform 1e-3..10 gates instead of DiG's (the one-row path's fallback to the levels); a sixth
-  field "fp32" in a --shapes entry runs fp32 inputs and records each variant's errors;
+  fields; `chunk:N` sets the chunk size) or a preset name from VARIANT_PRESETS (`cumsum`: the gate's cumsum as
+  a scan or a GEMM; `ktile`: session 5's K tiles; `intra`: one reference row vs the levels; `segments`: the
+  state passes in 1-16 parallel segments; `grad`, `sweep`: sessions 1-2's `--mode grad` / `--mode sweep`, now
+  applied on top of the tuned config); `--parts` also times the output and gradient kernels alone per variant;
+  `--gates extreme` times log-uniform 1e-3..10 gates instead of DiG's (the one-row path's fallback to the
+  levels); a sixth field "fp32" in a --shapes entry runs fp32 inputs and records each variant's errors;
 - `cumsum`: the XLA glue alone: the gate's chunk-local cumsum and its transpose, per
   `reference.chunk_local_cumsum` method, and how far the methods differ (`..._cumsum.json`).
 Timing = median over repeats of back-to-back calls after warm-up, rotating three input sets, synchronised with
@@ -246,6 +246,7 @@ VARIANT_PRESETS = {
     "grad": "grad_v1=grad_version:1;grad_v2=grad_version:2;grad_v2_w8=grad_version:2,warps_grad:8;"
             "grad_v2_w2=grad_version:2,warps_grad:2",
     "intra": "adaptive=intra:adaptive;levels=intra:levels",
+    "segments": "seg1=state_segments:1;seg4=state_segments:4;seg8=state_segments:8;seg16=state_segments:16",
     "sweep": "two_pass=fused:false;two_pass_no_prefetch=fused:false,prefetch:false;"
              "two_pass_st16=fused:false,state_block_k:16,state_block_v:16;fused=fused:true;"
              "fused_bv32=fused:true,fwd_block_v:32",

@@ -10,7 +10,9 @@ This module builds the `pl.pallas_call`s (grids, BlockSpecs, `pallas.triton.Comp
 per shape (`tuned_config`), attaches the backward with `jax.custom_vjp` and exposes `gla`. The kernel bodies,
 their numerics and `KernelConfig` are in `gpu_kernels.py`. Forward: two passes (sequential state pass, then
 chunk-parallel outputs), or one fused sequential kernel for short sequences of few (batch, head) pairs.
-Backward: a reverse state pass, then chunk-parallel dv and dq/dk/dG kernels.
+Backward: a reverse state pass, then chunk-parallel dv and dq/dk/dG kernels. With few (batch, head) pairs and
+many chunks both state passes run as parallel segments from zero states, and `_join_segments` (XLA) adds the
+state each segment receives from the ones before (after) it (`KernelConfig.state_segments`, session 7).
 
 `interpret=True` runs the same kernel bodies through Pallas' interpreter (CPU tests); Triton's rules
 (power-of-two blocks, dot dims >= 16) still shape the code even where the interpreter would not enforce them.
@@ -85,6 +87,9 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
   GEMM_CUMSUM_MIN_TOKENS tokens up (session 6, H100: the op 4-22 % faster at T >= 4096 in two runs), the
   `jnp.cumsum` scan below (at DiG-S/2's 256 px step the GEMM made the op faster alone but the model's training
   step 2 % and its forward 5 % slower in a repeated run, where XLA fuses the scan into the gate's math).
+  The state passes run in up to 8 parallel segments where they would have fewer than 64 programs and at
+  least 64 chunks (session 7, H100: B2 T50176 32/64 fwd 0.99 -> 0.59 ms, fwd+bwd 2.20 -> 1.51; at B8 T12544,
+  96 programs, segments gained nothing, and at 4 chunks they cost 15 %).
   """
   b, tokens, heads, dim_k = q_shape
   chunk = chunk or default_chunk_size(tokens)
@@ -92,7 +97,9 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
   fused = (-(-tokens // chunk) <= 4 and b * heads < FUSED_MAX_SEQUENCES
            and max(dim_k, v_shape[-1]) <= 64)
   fp32_wide = jnp.dtype(dtype) == jnp.float32 and dim_k > 64
-  return KernelConfig(chunk_size=chunk, fused=fused, state_block_k=16 if programs < 64 else 32,
+  few_programs = programs < 64
+  return KernelConfig(chunk_size=chunk, fused=fused, state_block_k=16 if few_programs else 32,
+                      state_segments=8 if few_programs and -(-tokens // chunk) >= 64 else 1,
                       state_block_v=32, score_block_k=32 if fp32_wide else dim_k,
                       grad_block_k=32 if dim_k >= 64 else dim_k,
                       gate_cumsum="matmul" if tokens >= GEMM_CUMSUM_MIN_TOKENS else "scan")
@@ -104,6 +111,8 @@ def _check_config(config: KernelConfig) -> None:
   if config.gate_cumsum not in reference.CUMSUM_METHODS:
     raise ValueError(f"KernelConfig.gate_cumsum must be one of {reference.CUMSUM_METHODS}; "
                      f"got {config.gate_cumsum!r}")
+  if config.state_segments < 1:
+    raise ValueError(f"KernelConfig.state_segments must be >= 1; got {config.state_segments!r}")
   if config.intra not in INTRA_MODES:
     raise ValueError(f"KernelConfig.intra must be one of {INTRA_MODES}; got {config.intra!r}")
 
@@ -171,24 +180,69 @@ def _fused_forward(q, k, v, g, cfg: KernelConfig, save_states: bool):
   return outs[0], (outs[1] if save_states else None)
 
 
-def _state_pass(kernel_fn, inputs, widths: str, dim_v: int, cfg: KernelConfig):
+def state_segments(cfg: KernelConfig, num_chunks: int) -> int:
+  """How many segments the state passes run in: the largest divisor of num_chunks <= cfg.state_segments."""
+  return max(d for d in range(1, cfg.state_segments + 1) if num_chunks % d == 0)
+
+
+def _state_pass(kernel_fn, inputs, widths: str, dim_v: int, cfg: KernelConfig, g: Array, reverse: bool):
   """One sequential pass over the chunks producing a [B, NT, H, K, V] state per chunk, tiled over (K, V).
 
   `inputs` are [B, T, H, K] or [B, T, H, V] tensors; `widths` says which, one letter ("k"/"v") per input. For
-  the forward state pass (k, v, G) and the backward one (q, G, dO).
+  the forward state pass (k, v, G) and the backward one (q, G, dO, `reverse`). With several segments
+  (`state_segments`) each runs from a zero state in parallel and `_join_segments` adds what flows in.
   """
   b, tokens, heads, dim_k = inputs[0].shape
   bk, bv = min(cfg.state_block_k, dim_k), min(cfg.state_block_v, dim_v)
   nt = tokens // cfg.chunk_size
-  kernel = functools.partial(kernel_fn, cfg=cfg, num_chunks=nt, **_common(inputs[0], cfg))
+  segments = state_segments(cfg, nt)
+  kernel = functools.partial(kernel_fn, cfg=cfg, num_chunks=nt // segments, **_common(inputs[0], cfg))
   specs = [_seq_spec(tokens, bk, 0) if w == "k" else _seq_spec(tokens, bv, 1) for w in widths]
-  return _call(kernel, cfg, cfg.warps_state, (b, heads, dim_k // bk, dim_v // bv), specs,
-               pl.BlockSpec((None, nt, None, bk, bv), lambda i, j, kt, vt: (i, 0, j, kt, vt)),
-               jax.ShapeDtypeStruct((b, nt, heads, dim_k, dim_v), _state_dtype(inputs[0])))(*inputs)
+  out_specs = [pl.BlockSpec((None, nt, None, bk, bv), lambda i, j, kt, vt, *s: (i, 0, j, kt, vt))]
+  out_shape = [jax.ShapeDtypeStruct((b, nt, heads, dim_k, dim_v), _state_dtype(inputs[0]))]
+  if segments > 1:
+    out_specs.append(pl.BlockSpec((None, None, None, bk, bv), lambda i, j, kt, vt, s: (i, s, j, kt, vt)))
+    out_shape.append(jax.ShapeDtypeStruct((b, segments, heads, dim_k, dim_v), jnp.float32))
+  grid = (b, heads, dim_k // bk, dim_v // bv) + ((segments,) if segments > 1 else ())
+  outs = _call(kernel, cfg, cfg.warps_state, grid, specs, out_specs, out_shape)(*inputs)
+  if segments == 1:
+    return outs[0]
+  gamma = g[:, cfg.chunk_size - 1::cfg.chunk_size]  # each chunk's total log decay, [B, NT, H, K]
+  return _join_segments(*outs, gamma, reverse)
+
+
+def _join_segments(local: Array, ends: Array, gamma: Array, reverse: bool) -> Array:
+  """States of a segmented pass from its per-segment parts (XLA; S small, unrolled).
+
+  Forward: local[n] holds what chunks a..n-1 of n's segment [a, b) put into h_n; the true h_n adds
+  e^(gamma_a + ... + gamma_{n-1}) * H_a, where H_a (the state entering the segment) = ends[s-1] +
+  e^(segment s-1's total decay) * H of segment s-1. Backward (`reverse`): local[n] = what chunks n+1..b-1 put
+  into D_n; the rest is e^(gamma_{n+1} + ... + gamma_{b-1}) * D_{b-1}, carried from the right likewise.
+  """
+  b, nt, heads, dim_k, dim_v = local.shape
+  segments = ends.shape[1]
+  gam = gamma.reshape(b, segments, nt // segments, heads, dim_k)
+  if reverse:
+    decay_in = jnp.flip(jnp.cumsum(jnp.flip(gam, 2), axis=2), 2) - gam  # sum over the later chunks
+    order = range(segments - 2, -1, -1)
+  else:
+    decay_in = jnp.cumsum(gam, axis=2) - gam                             # sum over the earlier chunks
+    order = range(1, segments)
+  total = jnp.exp(jnp.sum(gam, axis=2))[..., None]                       # [B, S, H, K, 1]
+  carries = [None] * segments
+  zero = jnp.zeros_like(ends[:, 0])
+  carries[segments - 1 if reverse else 0] = zero
+  for s in order:
+    src = s + 1 if reverse else s - 1
+    carries[s] = carries[src] * total[:, src] + ends[:, src]
+  carry = jnp.stack(carries, axis=1)[:, :, None]                         # [B, S, 1, H, K, V]
+  joined = (local.reshape(b, segments, nt // segments, heads, dim_k, dim_v).astype(jnp.float32)
+            + jnp.exp(decay_in)[..., None] * carry)
+  return joined.reshape(local.shape).astype(local.dtype)
 
 
 def _states(k, v, g, cfg: KernelConfig):
-  return _state_pass(gpu_kernels.state_kernel, (k, v, g), "kvk", v.shape[-1], cfg)
+  return _state_pass(gpu_kernels.state_kernel, (k, v, g), "kvk", v.shape[-1], cfg, g, reverse=False)
 
 
 def _chunk_spec(c: int, width: int, tiled: bool = False):
@@ -214,7 +268,7 @@ def _two_pass_forward(q, k, v, g, cfg: KernelConfig):
 
 
 def _dstates(q, g, do, cfg: KernelConfig):
-  return _state_pass(gpu_kernels.dstate_kernel, (q, g, do), "kkv", do.shape[-1], cfg)
+  return _state_pass(gpu_kernels.dstate_kernel, (q, g, do), "kkv", do.shape[-1], cfg, g, reverse=True)
 
 
 def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):

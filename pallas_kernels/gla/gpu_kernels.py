@@ -9,7 +9,8 @@ Kernels (tensors stay in [batch, tokens, heads, dim]; each gets one (batch, head
 - `state_kernel` + `out_kernel`: the two-pass forward. F1 runs sequentially over chunks and stores every h_n
   (bf16 for bf16 inputs, else fp32; the residual of the backward pass); F2/F3 then run chunk-parallel.
 - `fused_fwd_kernel`: one sequential loop computes o and updates h in registers (few sequences, <= 4 chunks).
-- `dstate_kernel`: B1, a reverse loop over chunks storing every D_n.
+- `dstate_kernel`: B1, a reverse loop over chunks storing every D_n. Both state kernels can run one segment of
+  the chunks per program (grid axis 4) from a zero state and also write its end state (`state_segments`).
 - `dv_kernel` (B3) and `dqk_kernel` (B2, B4-B6); `grad_kernel` does all of B2-B6 in one kernel
   (`grad_version=1`; ~twice the live registers, measured 2x slower on H100).
 - Wide heads: `out_kernel` and `dv_kernel` can contract K in a loop over tiles (`score_block_k`; scores and
@@ -78,6 +79,8 @@ class KernelConfig:
   warps_out: int = 4
   warps_grad: int = 4
   stages: int = 2
+  state_segments: int = 1     # the sequential state passes split into up to this many segments run in
+                              # parallel (the largest divisor of the chunk count <= it), joined by XLA
   prefetch: bool = True       # manual prefetch of the next chunk in the sequential kernels
   fp32_dots: str = "ieee"     # fp32 inputs: "ieee" fp32 dots, or "tf32" tensor-core dots (see `gla`)
   gate_cumsum: str = "scan"   # how XLA forms G before the kernels: reference.chunk_local_cumsum's method
@@ -249,9 +252,11 @@ def _rows(n, c: int):
   return pl.ds(n * c if isinstance(n, int) else pl.multiple_of(n * c, c), c)
 
 
-def _sequential(num_chunks: int, load, step, init, prefetch: bool, reverse: bool = False):
-  """fori_loop over chunks; with `prefetch` the next chunk's loads are issued before this chunk's math."""
-  order = (lambda i: num_chunks - 1 - i) if reverse else (lambda i: i)
+def _sequential(num_chunks: int, load, step, init, prefetch: bool, reverse: bool = False, first=0):
+  """fori_loop over chunks first .. first + num_chunks - 1 (backwards with `reverse`); returns the carry.
+
+  With `prefetch` the next chunk's loads are issued before this chunk's math."""
+  order = (lambda i: first + num_chunks - 1 - i) if reverse else (lambda i: first + i)
   if not prefetch:
     return jax.lax.fori_loop(0, num_chunks, lambda i, carry: step(order(i), carry, load(order(i))), init)
 
@@ -259,7 +264,12 @@ def _sequential(num_chunks: int, load, step, init, prefetch: bool, reverse: bool
     carry, current = carry
     upcoming = load(order(jnp.minimum(i + 1, num_chunks - 1)))
     return step(order(i), carry, current), upcoming
-  return jax.lax.fori_loop(0, num_chunks, body, (init, load(order(0))))
+  return jax.lax.fori_loop(0, num_chunks, body, (init, load(order(0))))[0]
+
+
+def _segment_start(num_chunks: int, seg_refs) -> Array | int:
+  """First chunk of this program's segment (grid axis 4) when the state pass is split into segments."""
+  return pl.program_id(4) * num_chunks if seg_refs else 0
 
 
 def fused_fwd_kernel(q_ref, k_ref, v_ref, g_ref, o_ref, *hs_refs, cfg, num_chunks, mm_dtype, prec):
@@ -281,7 +291,8 @@ def fused_fwd_kernel(q_ref, k_ref, v_ref, g_ref, o_ref, *hs_refs, cfg, num_chunk
   _sequential(num_chunks, load, step, h0, cfg.prefetch)
 
 
-def state_kernel(k_ref, v_ref, g_ref, hs_ref, *, cfg, num_chunks, mm_dtype, prec):
+def state_kernel(k_ref, v_ref, g_ref, hs_ref, *seg_refs, cfg, num_chunks, mm_dtype, prec):
+  """F1 over `num_chunks` chunks from zero: every h_n, and with `seg_refs` the segment's end state (fp32)."""
   c = cfg.chunk_size
 
   def load(n):
@@ -292,7 +303,10 @@ def state_kernel(k_ref, v_ref, g_ref, hs_ref, *, cfg, num_chunks, mm_dtype, prec
     hs_ref[n] = h.astype(hs_ref.dtype)
     return _state_update(h, *chunk, mm_dtype, prec)
 
-  _sequential(num_chunks, load, step, jnp.zeros(hs_ref.shape[1:], jnp.float32), cfg.prefetch)
+  h = _sequential(num_chunks, load, step, jnp.zeros(hs_ref.shape[1:], jnp.float32), cfg.prefetch,
+                  first=_segment_start(num_chunks, seg_refs))
+  if seg_refs:
+    seg_refs[0][...] = h
 
 
 def out_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, cfg, mm_dtype, prec):
@@ -307,8 +321,8 @@ def out_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, cfg, mm_dtype, prec)
   o_ref[...] = (o * cfg.scale).astype(o_ref.dtype)
 
 
-def dstate_kernel(q_ref, g_ref, do_ref, ds_ref, *, cfg, num_chunks, mm_dtype, prec):
-  """B1: ds[n] = D_n = dL/dh_{n+1}; D_{n-1} = e^gamma_n D_n + scale (q_n e^G_n)^T do_n."""
+def dstate_kernel(q_ref, g_ref, do_ref, ds_ref, *seg_refs, cfg, num_chunks, mm_dtype, prec):
+  """B1: ds[n] = D_n = dL/dh_{n+1}; D_{n-1} = e^gamma_n D_n + scale (q_n e^G_n)^T do_n (segments as F1's)."""
   c = cfg.chunk_size
 
   def load(n):
@@ -321,7 +335,10 @@ def dstate_kernel(q_ref, g_ref, do_ref, ds_ref, *, cfg, num_chunks, mm_dtype, pr
     qg = (q.astype(jnp.float32) * (_exp(g) * cfg.scale)).astype(mm_dtype)
     return d * _exp(g_last)[:, None] + _mm_tn(qg, do.astype(mm_dtype), prec)
 
-  _sequential(num_chunks, load, step, jnp.zeros(ds_ref.shape[1:], jnp.float32), cfg.prefetch, reverse=True)
+  d = _sequential(num_chunks, load, step, jnp.zeros(ds_ref.shape[1:], jnp.float32), cfg.prefetch,
+                  reverse=True, first=_segment_start(num_chunks, seg_refs))
+  if seg_refs:
+    seg_refs[0][...] = d
 
 
 def grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref, dv_ref, dg_ref, *, cfg,

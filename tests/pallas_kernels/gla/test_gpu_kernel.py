@@ -122,6 +122,21 @@ def test_interpret_one_reference_row_where_the_decay_span_allows(monkeypatch):
     gpu.gla(x, x, x, x, interpret=True, config=gpu.KernelConfig(intra="dense"))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_interpret_segmented_state_passes(dtype):
+  """`state_segments`: the forward and reverse state passes run as parallel segments from zero states, and XLA
+  adds what flows in from the earlier (later) segments. 12 chunks of 16 in 4 and in 6 segments (8 asked: the
+  largest divisor <= 8), mild gates (|g| <= 0.05 per step) so that states carry across segment borders."""
+  assert [gpu.state_segments(gpu.KernelConfig(state_segments=s), n)
+          for s, n in ((8, 12), (4, 12), (8, 196), (16, 784), (4, 13), (1, 64))] == [6, 4, 7, 16, 1, 1]
+  with pytest.raises(ValueError, match="state_segments"):
+    x = jnp.zeros((1, 8, 1, 16), jnp.float32)
+    gpu.gla(x, x, x, x, interpret=True, config=gpu.KernelConfig(state_segments=0))
+  for segments in (4, 8):
+    _check((1, 192, 2, 16, 32), dtype, 16, gpu.KernelConfig(fused=False, state_segments=segments),
+           interpret=True, gates=(1e-3, 0.05))
+
+
 def test_is_supported_and_input_errors():
   assert gpu.is_supported((2, 100, 6, 32), (2, 100, 6, 64), jnp.bfloat16)
   assert gpu.is_supported((2, 100, 6, 128), (2, 100, 6, 128), jnp.bfloat16)
@@ -147,7 +162,10 @@ def test_default_chunk_and_tuned_tiles():
   assert [gpu.default_chunk_size(t) for t in (1, 16, 17, 40, 64, 65, 5000)] == [16, 16, 32, 64, 64, 64, 64]
   long_small_batch = gpu.tuned_config((2, 50176, 6, 32), (2, 50176, 6, 64))
   assert not long_small_batch.fused and long_small_batch.state_block_k == 16
-  assert gpu.tuned_config((8, 12544, 6, 32), (8, 12544, 6, 64)).state_block_k == 32
+  assert long_small_batch.state_segments == 8    # < 64 state programs, >= 64 chunks
+  long_batch = gpu.tuned_config((8, 12544, 6, 32), (8, 12544, 6, 64))
+  assert long_batch.state_block_k == 32 and long_batch.state_segments == 1
+  assert gpu.tuned_config((2, 2048, 6, 32), (2, 2048, 6, 64)).state_segments == 1  # 32 chunks
   # <= 4 chunks: fused forward for few sequences, two-pass for many (DiG-S/2 at 256 px: B=32, H=6).
   assert gpu.tuned_config((8, 256, 6, 32), (8, 256, 6, 64)).fused
   assert not gpu.tuned_config((32, 256, 6, 32), (32, 256, 6, 64)).fused
@@ -171,7 +189,8 @@ def test_kernels_lower_to_triton_for_h100(monkeypatch):
   if not hasattr(gpu_info, "_get_gpu_info_impl") or not hasattr(gpu_info, "GpuVersion"):
     pytest.skip("private Pallas-Triton gpu_info API changed")
   monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))
-  configs = [gpu.KernelConfig(), gpu.KernelConfig(fused=True, prefetch=False), gpu.KernelConfig()]
+  configs = [gpu.KernelConfig(state_segments=4), gpu.KernelConfig(fused=True, prefetch=False),
+             gpu.KernelConfig()]
   for (dk, dv), dtype, config in zip(((32, 64), (64, 64), (128, 128)),
                                      (jnp.bfloat16, jnp.float32, jnp.bfloat16), configs):
     args = [jax.ShapeDtypeStruct((2, 200, 3, d), dtype) for d in (dk, dk, dv)]
@@ -231,6 +250,13 @@ def test_gpu_one_reference_row_at_real_sizes(gates, dtype):
   # Gates up to 0.9 per step: every 64-row chunk's half-spans stay below SPAN_LIMIT (32 x 0.9 = 28.8), so the
   # one-row path runs everywhere; (0.5, 0.9) puts the factors near e^+-29.
   _check((2, 1000, 3, 32, 64), dtype, None, None, interpret=False, gates=gates)
+
+
+@pytest.mark.gpu
+def test_gpu_segmented_state_passes():
+  # 64 chunks in 8 segments; gates <= 0.1 per step carry state across segment borders.
+  _check((2, 4096, 3, 32, 64), jnp.bfloat16, None, gpu.KernelConfig(state_segments=8), interpret=False,
+         gates=(1e-3, 0.1))
 
 
 @pytest.mark.gpu
