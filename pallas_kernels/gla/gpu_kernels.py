@@ -38,7 +38,8 @@ channel) and one C x C x K matmul; every strictly-lower pair belongs to exactly 
 without a clamp (tested down to -10 per step); for bf16 inputs the factors are rounded to bf16 for the tensor
 cores, as in fla's off-diagonal blocks.
 Deviations from fla: (1) fla computes the 16 x 16 diagonal blocks element-wise in fp32 (16 exps per (token,
-channel)); here the finest levels replace them, log2(C) = 6 exps per (token, channel) at C = 64; (2) h_n is
+channel)) and the rest per 16-row sub-chunk; here one product with fp32/TF32 operands covers the whole chunk
+(2 exps per (token, channel)), or in the fallback the levels (log2(C) = 6 exps per (token, channel) at C = 64); (2) h_n is
 saved by the forward pass (bf16 for bf16 inputs, as fla stores it in its forward) instead of being recomputed
 in fp32; (3) the intra-chunk score matrix A is recomputed in the backward pass instead of being stored in
 fp32; (4) mixed input dtypes are promoted (fla requires one dtype).
@@ -56,8 +57,8 @@ Array = jax.Array
 LOG2E = math.log2(math.e)
 INTRA_MODES = ("adaptive", "levels")
 # The one-reference-row path is taken where every |G[r, k] - G[m, k]| of a chunk (and K tile) is <= this:
-# its factors then lie in [e^-30, e^30] (no fp32/bf16 overflow or subnormal for any O(1e3) input, and the
-# masked upper-triangle products stay below e^60), while each factor keeps its 8 (bf16) / 24 bit mantissa.
+# its factors then lie in [e^-30, e^30] (no fp32 overflow or subnormal for any O(1e3) input, and the masked
+# upper-triangle products stay below e^60); as fp32 / TF32 dot operands each keeps a 24 / 11 bit mantissa.
 SPAN_LIMIT = 30.0
 
 
