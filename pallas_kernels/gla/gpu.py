@@ -94,12 +94,12 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
   b, tokens, heads, dim_k = q_shape
   chunk = chunk or default_chunk_size(tokens)
   programs = b * heads * max(1, dim_k // 32) * max(1, v_shape[-1] // 32)
-  fused = (-(-tokens // chunk) <= 4 and b * heads < FUSED_MAX_SEQUENCES
-           and max(dim_k, v_shape[-1]) <= 64)
+  num_chunks = -(-tokens // chunk)
+  fused = num_chunks <= 4 and b * heads < FUSED_MAX_SEQUENCES and max(dim_k, v_shape[-1]) <= 64
   fp32_wide = jnp.dtype(dtype) == jnp.float32 and dim_k > 64
   few_programs = programs < 64
   return KernelConfig(chunk_size=chunk, fused=fused, state_block_k=16 if few_programs else 32,
-                      state_segments=8 if few_programs and -(-tokens // chunk) >= 64 else 1,
+                      state_segments=8 if few_programs and num_chunks >= 64 else 1,
                       state_block_v=32, score_block_k=32 if fp32_wide else dim_k,
                       grad_block_k=32 if dim_k >= 64 else dim_k,
                       gate_cumsum="matmul" if tokens >= GEMM_CUMSUM_MIN_TOKENS else "scan")
@@ -230,8 +230,7 @@ def _join_segments(local: Array, ends: Array, gamma: Array, reverse: bool) -> Ar
     order = range(1, segments)
   total = jnp.exp(jnp.sum(gam, axis=2))[..., None]                       # [B, S, H, K, 1]
   carries = [None] * segments
-  zero = jnp.zeros_like(ends[:, 0])
-  carries[segments - 1 if reverse else 0] = zero
+  carries[segments - 1 if reverse else 0] = jnp.zeros_like(ends[:, 0])   # nothing flows into the first one
   for s in order:
     src = s + 1 if reverse else s - 1
     carries[s] = carries[src] * total[:, src] + ends[:, src]

@@ -39,10 +39,10 @@ without a clamp (tested down to -10 per step); for bf16 inputs the factors are r
 cores, as in fla's off-diagonal blocks.
 Deviations from fla: (1) fla computes the 16 x 16 diagonal blocks element-wise in fp32 (16 exps per (token,
 channel)) and the rest per 16-row sub-chunk; here one product with fp32/TF32 operands covers the whole chunk
-(2 exps per (token, channel)), or in the fallback the levels (log2(C) = 6 exps per (token, channel) at C = 64); (2) h_n is
-saved by the forward pass (bf16 for bf16 inputs, as fla stores it in its forward) instead of being recomputed
-in fp32; (3) the intra-chunk score matrix A is recomputed in the backward pass instead of being stored in
-fp32; (4) mixed input dtypes are promoted (fla requires one dtype).
+(2 exps per (token, channel)), or in the fallback the levels (log2(C) = 6 exps per (token, channel) at C=64);
+(2) h_n is saved by the forward pass (bf16 for bf16 inputs, as fla stores it in its forward) instead of being
+recomputed in fp32; (3) the intra-chunk score matrix A is recomputed in the backward pass instead of being
+stored in fp32; (4) mixed input dtypes are promoted (fla requires one dtype).
 """
 from __future__ import annotations
 
