@@ -16,7 +16,7 @@ device-to-device copy bandwidth (bytes read + written) as the HBM ceiling, then:
 - `variants`: named variants of the tuned config side by side, with fla (`--no_fla` skips it; its first
   autotuning per head size takes minutes): `--variants "name=field:value,field:value;..."` (KernelConfig
   fields; `chunk:N` sets the chunk size) or a preset name from VARIANT_PRESETS (`cumsum`: the gate's cumsum as
-  an XLA scan, an XLA GEMM or inside the kernels; `ktile`: session 5's K tiles; `intra`: one reference row vs the levels; `segments`: the
+  a scan or a GEMM; `ktile`: session 5's K tiles; `intra`: one reference row vs the levels; `segments`: the
   state passes in 1-16 parallel segments; `grad`, `sweep`: sessions 1-2's `--mode grad` / `--mode sweep`, now
   applied on top of the tuned config); `--parts` also times the output and gradient kernels alone per variant;
   `--gates extreme` times log-uniform 1e-3..10 gates instead of DiG's (the one-row path's fallback to the
@@ -131,7 +131,7 @@ def parts_bench(base_config: gpu.KernelConfig = gpu.KernelConfig()) -> list[dict
   for b, t, h, dk, dv in PARTS_SHAPES:
     q, k, v, lg, do = make_inputs(jax.random.key(1), b, t, h, dk, dv, jnp.bfloat16)
     base = rep(base_config, scale=dk ** -0.5)
-    g = gpu.kernel_gates(lg, base)
+    g = reference.chunk_local_cumsum(lg, base.chunk_size)
     row = dict(shape=[b, t, h, dk, dv], ms={})
 
     def timed(name, fn, *args):
@@ -240,7 +240,7 @@ def print_table(rows: list[dict], bw: float) -> None:
 
 
 VARIANT_PRESETS = {
-    "cumsum": "scan=gate_cumsum:scan;matmul=gate_cumsum:matmul;kernel=gate_cumsum:kernel",
+    "cumsum": "scan=gate_cumsum:scan;matmul=gate_cumsum:matmul",
     "ktile": "s64_g64=score_block_k:64,grad_block_k:64;s32_g64=score_block_k:32,grad_block_k:64;"
              "s64_g32=score_block_k:64,grad_block_k:32;s32_g32=score_block_k:32,grad_block_k:32",
     "grad": "grad_v1=grad_version:1;grad_v2=grad_version:2;grad_v2_w8=grad_version:2,warps_grad:8;"
@@ -318,7 +318,7 @@ def variant_parts(b, t, h, dk, dv, configs: dict, dtype) -> dict:
   parts = {}
   for name, (cfg, chunk) in configs.items():
     cfg = dataclasses.replace(cfg, scale=dk ** -0.5, chunk_size=chunk or cfg.chunk_size)
-    g = gpu.kernel_gates(lg, cfg)
+    g = reference.chunk_local_cumsum(lg, cfg.chunk_size)
     try:
       hs, ds = gpu._states(k, v, g, cfg), gpu._dstates(q, g, do, cfg)
       out = time_calls(jax.jit(lambda *a, cfg=cfg: gpu._outputs(*a, cfg)), [(q, k, v, g, hs)], jax_sync)

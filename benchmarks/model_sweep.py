@@ -59,11 +59,8 @@ def cell(model: str, px: int, precision: str, *, batch: int | None = None, atten
   per parameter leaf); diag="no_barrier": `train_step` without the optimization barrier that keeps XLA from
   hoisting the log-step norms into every step's optimizer fusions; diag="gate_cumsum_scan": the GPU GLA op
   forms its chunk-local gate cumsum with `jnp.cumsum` at every length (`gpu.tuned_config` takes the batched
-  GEMM from 4096 tokens up since session 6); diag="gate_cumsum_kernel" / "gate_cumsum_xla": the kernels
-  form that cumsum themselves from the raw gate / XLA does it with the scan (session 8);
-  diag="intra_levels": the GPU GLA kernels' intra-chunk scores always through the levels (before session 7:
-  no one-reference-row path); diag="one_segment": the state passes unsegmented (`gpu.tuned_config` segments
-  them for few (batch, head) pairs and many chunks since session 7).
+  GEMM from 4096 tokens up since session 6); diag="intra_levels": the GPU GLA kernels' intra-chunk scores
+  always through the levels (before session 7: no one-reference-row path).
   """
   is_dig = model.startswith("DiG")
   label = model + ("" if is_dig else f"-{attention}")
@@ -101,9 +98,7 @@ def _suffix(tag: str) -> str:
 
 
 # diag names that change the GPU GLA op's KernelConfig (see `cell`).
-DIAG_KERNEL_OVERRIDES = {"gate_cumsum_scan": dict(gate_cumsum="scan"), "gate_cumsum_xla": dict(gate_cumsum="scan"),
-                         "gate_cumsum_kernel": dict(gate_cumsum="kernel"), "intra_levels": dict(intra="levels"),
-                         "one_segment": dict(state_segments=1)}
+DIAG_KERNEL_OVERRIDES = {"gate_cumsum_scan": dict(gate_cumsum="scan"), "intra_levels": dict(intra="levels")}
 
 
 def extra_cells(spec: str) -> list[dict[str, Any]]:

@@ -35,8 +35,6 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 MIN_DIM, MAX_DIM = 16, 128
 FUSED_MAX_SEQUENCES = 96  # tuned_config: the fused forward only below this many (batch x head) sequences
 GEMM_CUMSUM_MIN_TOKENS = 4096  # tuned_config: the gate cumsum as a GEMM from this many tokens up
-# KernelConfig.gate_cumsum: XLA forms G with one of reference.chunk_local_cumsum's methods, or the kernels do.
-GATE_CUMSUMS = reference.CUMSUM_METHODS + ("kernel",)
 
 
 def _is_pow2(n: int) -> bool:
@@ -110,8 +108,9 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
 def _check_config(config: KernelConfig) -> None:
   if config.fp32_dots not in ("ieee", "tf32"):
     raise ValueError(f"KernelConfig.fp32_dots must be 'ieee' or 'tf32'; got {config.fp32_dots!r}")
-  if config.gate_cumsum not in GATE_CUMSUMS:
-    raise ValueError(f"KernelConfig.gate_cumsum must be one of {GATE_CUMSUMS}; got {config.gate_cumsum!r}")
+  if config.gate_cumsum not in reference.CUMSUM_METHODS:
+    raise ValueError(f"KernelConfig.gate_cumsum must be one of {reference.CUMSUM_METHODS}; "
+                     f"got {config.gate_cumsum!r}")
   if config.state_segments < 1:
     raise ValueError(f"KernelConfig.state_segments must be >= 1; got {config.state_segments!r}")
   if config.intra not in INTRA_MODES:
@@ -208,11 +207,7 @@ def _state_pass(kernel_fn, inputs, widths: str, dim_v: int, cfg: KernelConfig, g
   outs = _call(kernel, cfg, cfg.warps_state, grid, specs, out_specs, out_shape)(*inputs)
   if segments == 1:
     return outs[0]
-  c = cfg.chunk_size
-  if cfg.gate_cumsum == "kernel":  # g is the raw log gate: each chunk's total log decay is its sum
-    gamma = g.reshape(b, nt, c, heads, -1).sum(axis=2)
-  else:
-    gamma = g[:, c - 1::c]  # G at each chunk's last row, [B, NT, H, K]
+  gamma = g[:, cfg.chunk_size - 1::cfg.chunk_size]  # each chunk's total log decay, [B, NT, H, K]
   return _join_segments(*outs, gamma, reverse)
 
 
@@ -320,17 +315,9 @@ def _forward(q, k, v, g, cfg: KernelConfig, save_states: bool):
 # ------------------------------------------------------------------------------------------------- custom VJP
 
 
-def kernel_gates(log_gate: Array, cfg: KernelConfig) -> Array:
-  """The gate operand the kernels take (fp32, chunk-padded log gate): G, the chunk-local cumsum formed by XLA,
-  or with `gate_cumsum="kernel"` the log gate itself (the kernels form G and return the log gate's gradient)."""
-  if cfg.gate_cumsum == "kernel":
-    return log_gate.astype(jnp.float32)
-  return reference.chunk_local_cumsum(log_gate, cfg.chunk_size, cfg.gate_cumsum)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def gla_chunked_g(q: Array, k: Array, v: Array, g: Array, cfg: KernelConfig) -> Array:
-  """GLA on chunk-padded inputs, T % chunk == 0; g = `kernel_gates(log gate, cfg)` (fp32)."""
+  """GLA on chunk-padded inputs with G = chunk-local cumsum of the log gate (fp32); T % chunk == 0."""
   return _forward(q, k, v, g, cfg, save_states=False)[0]
 
 
@@ -378,5 +365,6 @@ def gla(q: Array, k: Array, v: Array, log_gate: Array, *, chunk_size: int | None
   cfg = dataclasses.replace(config, chunk_size=c, interpret=interpret,
                             scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
   qp, kp, vp = (reference.pad_to_chunks(x, c) for x in (q, k, v))
-  o = gla_chunked_g(qp, kp, vp, kernel_gates(reference.pad_to_chunks(log_gate, c), cfg), cfg)
+  g = reference.chunk_local_cumsum(reference.pad_to_chunks(log_gate, c), c, cfg.gate_cumsum)
+  o = gla_chunked_g(qp, kp, vp, g, cfg)
   return o[:, :tokens].astype(out_dtype)

@@ -84,9 +84,7 @@ class KernelConfig:
                               # parallel (the largest divisor of the chunk count <= it), joined by XLA
   prefetch: bool = True       # manual prefetch of the next chunk in the sequential kernels
   fp32_dots: str = "ieee"     # fp32 inputs: "ieee" fp32 dots, or "tf32" tensor-core dots (see `gla`)
-  gate_cumsum: str = "scan"   # who forms G: XLA before the kernels with reference.chunk_local_cumsum's
-                              # method ("scan" / "matmul"), or "kernel": the kernels take the raw log gate,
-                              # form G in registers and return the raw gate's gradient (see GateTile)
+  gate_cumsum: str = "scan"   # how XLA forms G before the kernels: reference.chunk_local_cumsum's method
   intra: str = "adaptive"     # intra-chunk scores: "adaptive" (one reference row where the chunk's decay
                               # span allows, else levels; see SPAN_LIMIT) or "levels" (always the levels;
                               # grad_version=1's one gradient kernel always uses them)
@@ -121,52 +119,15 @@ def _iota(shape: tuple[int, ...], dim: int) -> Array:
   return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
-class GateTile:
-  """G of one chunk's rows and one channel tile, and G at other rows of the same chunk.
+def _level_factor(g: Array, g_ref, row_offset, chunk: int, lg: int, cols=slice(None)) -> Array:
+  """exp(-|G_r - G_m(r)|) for level L = 2**lg: m(r) = last row of the first half of r's 2L-row block.
 
-  With `gate_cumsum` "scan" / "matmul" XLA has formed G: `ref` holds it, the tile is loaded as is and other
-  rows are loads (`row`) or a row gather (`rows`). With "kernel" `ref` holds the raw log gate: the tile is its
-  inclusive cumsum over the chunk (Triton's scan, fp32), a row is an exact masked sum, and a row gather
-  (only the levels' fallback needs one) is an exact one-hot product at HIGHEST precision (IEEE fp32 dot).
+  `g` holds the columns `cols` of `g_ref`'s rows row_offset .. row_offset + chunk.
   """
-
-  def __init__(self, tile: Array, ref, row_offset, cols, cfg: KernelConfig):
-    self.in_kernel = cfg.gate_cumsum == "kernel"
-    self.g = jnp.cumsum(tile, axis=0) if self.in_kernel else tile
-    self._ref, self._offset, self._cols = ref, row_offset, cols
-
-  def row(self, r: int) -> Array:
-    """G[r] of this chunk, [channels]."""
-    if self.in_kernel:
-      return jnp.sum(jnp.where(_iota((self.g.shape[0], 1), 0) == r, self.g, 0.0), axis=0)
-    return self._ref[self._offset + r, self._cols]
-
-  def last(self) -> Array:
-    """gamma: G at the chunk's last row."""
-    return self.row(self.g.shape[0] - 1)
-
-  def rows(self, idx: Array) -> Array:
-    """G[idx[r]] for every row r, [C, channels]."""
-    if self.in_kernel:
-      one_hot = (idx[:, None] == _iota((1, self.g.shape[0]), 1)).astype(jnp.float32)
-      return _mm(one_hot, self.g, jax.lax.Precision.HIGHEST)
-    return self._ref[idx + self._offset, self._cols]
-
-
-def raw_gate_grad(d_g: Array, cfg: KernelConfig) -> Array:
-  """dL/dG -> dL/d(raw log gate) inside a chunk where the kernel formed G: the reverse cumsum, fp32."""
-  if cfg.gate_cumsum != "kernel":
-    return d_g
-  return jnp.sum(d_g, axis=0)[None, :] - jnp.cumsum(d_g, axis=0) + d_g
-
-
-def _level_factor(gates: GateTile, chunk: int, lg: int) -> Array:
-  """exp(-|G_r - G_m(r)|) for level L = 2**lg: m(r) = last row of the first half of r's 2L-row block."""
   rows = _iota((chunk,), 0)
   ref_rows = ((rows >> (lg + 1)) << (lg + 1)) + ((1 << lg) - 1)
-  rho = gates.rows(ref_rows)
+  rho = g_ref[ref_rows + row_offset, cols]
   query_side = ((_iota((chunk, 1), 0) >> lg) & 1) == 1
-  g = gates.g
   diff = jnp.where(query_side, g - rho, rho - g)
   return _exp(jnp.minimum(diff, 0.0))
 
@@ -194,12 +155,12 @@ def _mid_row_factors(g: Array, g_mid: Array) -> tuple[Array, Array]:
   return _exp(diff), _exp(-diff)
 
 
-def _single_reference(gates: GateTile, chunk: int, cfg: KernelConfig):
+def _single_reference(g: Array, g_ref, row_offset, chunk: int, cols, cfg: KernelConfig):
   """(use it?, G_m): whether this chunk's decay span allows the one-reference-row path (a traced bool)."""
   if cfg.intra == "levels":
     return False, None
-  g_mid = gates.row(chunk // 2)
-  return jnp.max(jnp.abs(gates.g - g_mid[None, :])) <= SPAN_LIMIT, g_mid
+  g_mid = g_ref[row_offset + chunk // 2, cols]
+  return jnp.max(jnp.abs(g - g_mid[None, :])) <= SPAN_LIMIT, g_mid
 
 
 def _adaptive(use_single, single, levels):
@@ -209,13 +170,12 @@ def _adaptive(use_single, single, levels):
   return jax.lax.cond(use_single, single, levels)
 
 
-def _scores(qf, kf, gates: GateTile, chunk, mm_dtype, prec, cfg: KernelConfig):
+def _scores(qf, kf, g, g_ref, row_offset, chunk, mm_dtype, prec, cfg: KernelConfig, cols=slice(None)):
   """Unscaled intra-chunk scores A[r, c] = sum_k q[r,k] k[c,k] exp(G[r,k] - G[c,k]) for c <= r, else 0.
 
-  The sum runs over the channels of `gates` (K tiles add up).
+  The sum runs over the channels given (the columns `cols` of `g_ref`); K tiles add up.
   """
   r, c = _iota((chunk, 1), 0), _iota((1, chunk), 1)
-  g = gates.g
 
   def single():
     e_q, e_k = _mid_row_factors(g, g_mid)
@@ -226,25 +186,25 @@ def _scores(qf, kf, gates: GateTile, chunk, mm_dtype, prec, cfg: KernelConfig):
     lvl = _level_matrix(chunk)
     out = jnp.where(r == c, jnp.sum(qf * kf, axis=1)[:, None], 0.0)  # the diagonal: an exact fp32 row dot
     for lg in range(_num_levels(chunk)):
-      e = _level_factor(gates, chunk, lg)
+      e = _level_factor(g, g_ref, row_offset, chunk, lg, cols)
       s = _mm_nt((qf * e).astype(mm_dtype), (kf * e).astype(mm_dtype), prec)
       out = jnp.where(lvl == lg, s, out)
     return out
 
-  use_single, g_mid = _single_reference(gates, chunk, cfg)
+  use_single, g_mid = _single_reference(g, g_ref, row_offset, chunk, cols, cfg)
   return _adaptive(use_single, single, levels)
 
 
-def _chunk_output(q, k, v, gates: GateTile, h, cfg: KernelConfig, mm_dtype, prec) -> Array:
+def _chunk_output(q, k, v, g, h, g_ref, row_offset, cfg: KernelConfig, mm_dtype, prec) -> Array:
   """F3 for one chunk and one V tile: scale * ((q * e^G) @ h + A @ v), fp32."""
   qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
-  o = _mm((qf * _exp(gates.g)).astype(mm_dtype), h.astype(mm_dtype), prec)
-  a = _scores(qf, kf, gates, cfg.chunk_size, mm_dtype, prec, cfg)
+  o = _mm((qf * _exp(g)).astype(mm_dtype), h.astype(mm_dtype), prec)
+  a = _scores(qf, kf, g, g_ref, row_offset, cfg.chunk_size, mm_dtype, prec, cfg)
   o = o + _mm(a.astype(mm_dtype), v.astype(mm_dtype), prec)
   return o * cfg.scale
 
 
-def diag_block_grads(d_a, qf, kf, gates: GateTile, rows: int, mm_dtype, prec,
+def diag_block_grads(d_a, qf, kf, g, g_ref, row_offset, rows: int, mm_dtype, prec,
                      cfg: KernelConfig) -> tuple[Array, Array]:
   """B4/B5 inside one block of `rows` rows on the diagonal of the chunk's dA (a chunk; a sub-chunk in session
   6's sub-chunk variant, NOTES.md).
@@ -252,8 +212,6 @@ def diag_block_grads(d_a, qf, kf, gates: GateTile, rows: int, mm_dtype, prec,
   d_a: the block's scaled dA, zero above the diagonal; q, k, G: the block's rows (fp32 q, k). Returns the
   block's contributions to dq and dk, through the factors `_scores` used (one reference row or the levels).
   """
-  g = gates.g
-
   def single():
     e_q, e_k = _mid_row_factors(g, g_mid)
     dq = _mm(d_a, kf * e_k, prec) * e_q       # fp32 operands, as in `_scores`
@@ -265,13 +223,13 @@ def diag_block_grads(d_a, qf, kf, gates: GateTile, rows: int, mm_dtype, prec,
     diag_da = jnp.sum(jnp.where(r == col, d_a, 0.0), axis=1)[:, None]
     dq, dk = diag_da * kf, diag_da * qf
     for lg in range(_num_levels(rows)):
-      e = _level_factor(gates, rows, lg)
+      e = _level_factor(g, g_ref, row_offset, rows, lg)
       d_a_level = jnp.where(_level_mask(rows, lg), d_a, 0.0).astype(mm_dtype)
       dq = dq + _mm(d_a_level, (kf * e).astype(mm_dtype), prec) * e
       dk = dk + _mm_tn(d_a_level, (qf * e).astype(mm_dtype), prec) * e
     return dq, dk
 
-  use_single, g_mid = _single_reference(gates, rows, cfg)
+  use_single, g_mid = _single_reference(g, g_ref, row_offset, rows, slice(None), cfg)
   return _adaptive(use_single, single, levels)
 
 
@@ -310,19 +268,6 @@ def _sequential(num_chunks: int, load, step, init, prefetch: bool, reverse: bool
   return jax.lax.fori_loop(0, num_chunks, body, (init, load(order(0))))[0]
 
 
-def _load_gates(g_ref, n, c: int, cfg: KernelConfig):
-  """A sequential kernel's gate loads for chunk n: the [C, K] tile and, where XLA formed G, gamma (so that it is
-  prefetched with the tile; with the in-kernel cumsum gamma comes from the tile's cumsum, `_step_gates`)."""
-  tile = g_ref[_rows(n, c), :]
-  return tile, (None if cfg.gate_cumsum == "kernel" else g_ref[n * c + c - 1, :])
-
-
-def _step_gates(loaded, g_ref, n, c: int, cfg: KernelConfig) -> tuple[GateTile, Array]:
-  tile, g_last = loaded
-  gates = GateTile(tile, g_ref, n * c, slice(None), cfg)
-  return gates, (gates.last() if g_last is None else g_last)
-
-
 def _segment_start(num_chunks: int, seg_refs) -> Array | int:
   """First chunk of this program's segment (grid axis 4) when the state pass is split into segments."""
   return pl.program_id(4) * num_chunks if seg_refs else 0
@@ -333,16 +278,15 @@ def fused_fwd_kernel(q_ref, k_ref, v_ref, g_ref, o_ref, *hs_refs, cfg, num_chunk
 
   def load(n):
     rows = _rows(n, c)
-    return q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], _load_gates(g_ref, n, c, cfg)
+    return q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g_ref[rows, :], g_ref[n * c + c - 1, :]
 
   def step(n, h, chunk):
-    q, k, v, loaded = chunk
-    gates, g_last = _step_gates(loaded, g_ref, n, c, cfg)
+    q, k, v, g, g_last = chunk
     if hs_refs:
       hs_refs[0][n] = h.astype(hs_refs[0].dtype)
-    o = _chunk_output(q, k, v, gates, h, cfg, mm_dtype, prec)
+    o = _chunk_output(q, k, v, g, h, g_ref, n * c, cfg, mm_dtype, prec)
     o_ref[_rows(n, c), :] = o.astype(o_ref.dtype)
-    return _state_update(h, k, v, gates.g, g_last, mm_dtype, prec)
+    return _state_update(h, k, v, g, g_last, mm_dtype, prec)
 
   h0 = jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
   _sequential(num_chunks, load, step, h0, cfg.prefetch)
@@ -354,13 +298,11 @@ def state_kernel(k_ref, v_ref, g_ref, hs_ref, *seg_refs, cfg, num_chunks, mm_dty
 
   def load(n):
     rows = _rows(n, c)
-    return k_ref[rows, :], v_ref[rows, :], _load_gates(g_ref, n, c, cfg)
+    return k_ref[rows, :], v_ref[rows, :], g_ref[rows, :], g_ref[n * c + c - 1, :]
 
   def step(n, h, chunk):
-    k, v, loaded = chunk
-    gates, g_last = _step_gates(loaded, g_ref, n, c, cfg)
     hs_ref[n] = h.astype(hs_ref.dtype)
-    return _state_update(h, k, v, gates.g, g_last, mm_dtype, prec)
+    return _state_update(h, *chunk, mm_dtype, prec)
 
   h = _sequential(num_chunks, load, step, jnp.zeros(hs_ref.shape[1:], jnp.float32), cfg.prefetch,
                   first=_segment_start(num_chunks, seg_refs))
@@ -372,10 +314,9 @@ def out_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, cfg, mm_dtype, prec)
   """F2/F3 for one chunk and one V tile; the K contractions run over K tiles of `cfg.score_block_k`."""
   o = a = None
   for cols in _k_tiles(q_ref.shape[-1], cfg.score_block_k):
-    qf, kf = q_ref[:, cols].astype(jnp.float32), k_ref[:, cols].astype(jnp.float32)
-    gates = GateTile(g_ref[:, cols], g_ref, 0, cols, cfg)
-    inter = _mm((qf * _exp(gates.g)).astype(mm_dtype), h_ref[cols, :].astype(mm_dtype), prec)
-    scores = _scores(qf, kf, gates, cfg.chunk_size, mm_dtype, prec, cfg)
+    qf, kf, g = q_ref[:, cols].astype(jnp.float32), k_ref[:, cols].astype(jnp.float32), g_ref[:, cols]
+    inter = _mm((qf * _exp(g)).astype(mm_dtype), h_ref[cols, :].astype(mm_dtype), prec)
+    scores = _scores(qf, kf, g, g_ref, 0, cfg.chunk_size, mm_dtype, prec, cfg, cols)
     o, a = (inter, scores) if o is None else (o + inter, a + scores)
   o = o + _mm(a.astype(mm_dtype), v_ref[...].astype(mm_dtype), prec)
   o_ref[...] = (o * cfg.scale).astype(o_ref.dtype)
@@ -387,13 +328,12 @@ def dstate_kernel(q_ref, g_ref, do_ref, ds_ref, *seg_refs, cfg, num_chunks, mm_d
 
   def load(n):
     rows = _rows(n, c)
-    return q_ref[rows, :], _load_gates(g_ref, n, c, cfg), do_ref[rows, :]
+    return q_ref[rows, :], g_ref[rows, :], g_ref[n * c + c - 1, :], do_ref[rows, :]
 
   def step(n, d, chunk):
-    q, loaded, do = chunk
-    gates, g_last = _step_gates(loaded, g_ref, n, c, cfg)
+    q, g, g_last, do = chunk
     ds_ref[n] = d.astype(ds_ref.dtype)
-    qg = (q.astype(jnp.float32) * (_exp(gates.g) * cfg.scale)).astype(mm_dtype)
+    qg = (q.astype(jnp.float32) * (_exp(g) * cfg.scale)).astype(mm_dtype)
     return d * _exp(g_last)[:, None] + _mm_tn(qg, do.astype(mm_dtype), prec)
 
   d = _sequential(num_chunks, load, step, jnp.zeros(ds_ref.shape[1:], jnp.float32), cfg.prefetch,
@@ -409,10 +349,9 @@ def grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref
   dim_v = v_ref.shape[-1]
   bv = min(cfg.grad_block_v, dim_v)
   tiles = [pl.ds(t * bv, bv) for t in range(dim_v // bv)]
-  q, k = q_ref[...], k_ref[...]
+  q, k, g = q_ref[...], k_ref[...], g_ref[...]
   qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
-  gates = GateTile(g_ref[...], g_ref, 0, slice(None), cfg)
-  g, g_last = gates.g, gates.last()
+  g_last = g_ref[c - 1, :]
   decay_q = _exp(g)                        # e^G
   decay_k = _exp(g_last[None, :] - g)      # e^(gamma - G)
   k_dec = (kf * decay_k).astype(mm_dtype)
@@ -439,7 +378,7 @@ def grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref
   dk = diag_da * qf
   lvl = _level_matrix(c)
   for lg in range(_num_levels(c)):
-    e = _level_factor(gates, c, lg)
+    e = _level_factor(g, g_ref, 0, c, lg)
     q_hat, k_hat = (qf * e).astype(mm_dtype), (kf * e).astype(mm_dtype)
     mask = lvl == lg
     a = jnp.where(mask, _mm_nt(q_hat, k_hat, prec), a)
@@ -461,7 +400,7 @@ def grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref
   dg = jnp.where(_iota((c, 1), 0) == c - 1, dg + delta[None, :], dg)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
-  dg_ref[...] = raw_gate_grad(dg, cfg)
+  dg_ref[...] = dg
 
 
 def dv_kernel(q_ref, k_ref, g_ref, do_ref, d_ref, dv_ref, *, cfg, mm_dtype, prec):
@@ -469,10 +408,9 @@ def dv_kernel(q_ref, k_ref, g_ref, do_ref, d_ref, dv_ref, *, cfg, mm_dtype, prec
   c = cfg.chunk_size
   a = inter = None
   for cols in _k_tiles(q_ref.shape[-1], cfg.score_block_k):
-    gates = GateTile(g_ref[:, cols], g_ref, 0, cols, cfg)
-    g, g_last = gates.g, gates.last()
+    g, g_last = g_ref[:, cols], g_ref[c - 1, cols]
     kf = k_ref[:, cols].astype(jnp.float32)
-    scores = _scores(q_ref[:, cols].astype(jnp.float32), kf, gates, c, mm_dtype, prec, cfg)
+    scores = _scores(q_ref[:, cols].astype(jnp.float32), kf, g, g_ref, 0, c, mm_dtype, prec, cfg, cols)
     k_dec = (kf * _exp(g_last[None, :] - g)).astype(mm_dtype)
     tile_inter = _mm(k_dec, d_ref[cols, :].astype(mm_dtype), prec)
     a, inter = (scores, tile_inter) if a is None else (a + scores, inter + tile_inter)
@@ -488,8 +426,7 @@ def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref,
   c, scale = cfg.chunk_size, cfg.scale
   dim_v = v_ref.shape[-1]
   bv = min(cfg.grad_block_v, dim_v)
-  gates = GateTile(g_ref[...], g_ref, 0, slice(None), cfg)
-  g, g_last = gates.g, gates.last()
+  g, g_last = g_ref[...], g_ref[c - 1, :]
   d_a = dq = dk = hd = None
   for t in [pl.ds(i * bv, bv) for i in range(dim_v // bv)]:
     do_t, v_t = do_ref[:, t].astype(mm_dtype), v_ref[:, t].astype(mm_dtype)
@@ -508,10 +445,10 @@ def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref,
   r, col = _iota((c, 1), 0), _iota((1, c), 1)
   d_a = jnp.where(r >= col, d_a * scale, 0.0)
   qf = q_ref[...].astype(jnp.float32)
-  dq_intra, dk_intra = diag_block_grads(d_a, qf, kf, gates, c, mm_dtype, prec, cfg)
+  dq_intra, dk_intra = diag_block_grads(d_a, qf, kf, g, g_ref, 0, c, mm_dtype, prec, cfg)
   dq, dk = dq + dq_intra, dk + dk_intra
   dg = qf * dq - kf * dk
   dg = jnp.where(r == c - 1, dg + delta[None, :], dg)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
-  dg_ref[...] = raw_gate_grad(dg, cfg)
+  dg_ref[...] = dg

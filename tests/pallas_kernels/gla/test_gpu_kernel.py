@@ -90,24 +90,6 @@ def test_interpret_gate_cumsum_as_gemm_k16_v32():
   _check((1, 45, 2, 16, 32), jnp.float32, 16, gpu.KernelConfig(gate_cumsum="matmul"), interpret=True)
 
 
-@pytest.mark.parametrize("dtype,chunk,variant", [
-    (jnp.float32, 16, dict(fused=False, intra="levels")),          # the levels' reference rows: one-hot dots
-    (jnp.bfloat16, 16, dict(fused=True)),                           # fused forward (4 chunks)
-    (jnp.float32, 32, dict(fused=False, grad_version=1)),           # one gradient kernel, padded last chunk
-    (jnp.bfloat16, 16, dict(fused=False, score_block_k=16, grad_block_k=16, state_segments=3))])
-def test_interpret_gate_cumsum_in_the_kernels(dtype, chunk, variant):
-  """`gate_cumsum="kernel"`: the kernels take the raw log gate, form G in registers (and gamma, G at the middle
-  row, the levels' reference rows from it) and return the raw gate's gradient (their own reverse cumsum); no
-  XLA cumsum runs. Every kernel body that reads gates, in both intra-chunk paths (log-uniform 1e-3..10 gates
-  mix them; intra="levels" forces the row gathers), K-tiled, and with segmented state passes."""
-  config = gpu.KernelConfig(gate_cumsum="kernel", **variant)
-  g = jnp.ones((1, 64, 2, 16), jnp.float32)
-  assert bool(jnp.all(gpu.kernel_gates(g, config) == g))
-  assert bool(jnp.all(gpu.kernel_gates(g, gpu.KernelConfig(chunk_size=16))[0, 15] == 16.0))
-  _check((1, 64 if variant.get("fused") else 61, 2, 32, 32), dtype, chunk, config, interpret=True,
-         gates=(1e-3, 0.05) if variant.get("state_segments") else (1e-3, 10.0))
-
-
 def test_interpret_one_reference_row_where_the_decay_span_allows(monkeypatch):
   """`intra="adaptive"` (the default) takes one reference row per chunk where every |G_r - G_m| <= SPAN_LIMIT
   and the levels elsewhere. Both gate regimes match the reference in fp32 and bf16: mild gates (|g| <= 1 per
@@ -207,11 +189,9 @@ def test_kernels_lower_to_triton_for_h100(monkeypatch):
     pytest.skip("private Pallas-Triton gpu_info API changed")
   monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))
   configs = [gpu.KernelConfig(state_segments=4), gpu.KernelConfig(fused=True, prefetch=False),
-             gpu.KernelConfig(), gpu.KernelConfig(gate_cumsum="kernel", state_segments=4),
-             gpu.KernelConfig(gate_cumsum="kernel", fused=True)]
-  for (dk, dv), dtype, config in zip(((32, 64), (64, 64), (128, 128), (32, 64), (64, 64)),
-                                     (jnp.bfloat16, jnp.float32, jnp.bfloat16, jnp.bfloat16, jnp.float32),
-                                     configs):
+             gpu.KernelConfig()]
+  for (dk, dv), dtype, config in zip(((32, 64), (64, 64), (128, 128)),
+                                     (jnp.bfloat16, jnp.float32, jnp.bfloat16), configs):
     args = [jax.ShapeDtypeStruct((2, 200, 3, d), dtype) for d in (dk, dk, dv)]
     args.append(jax.ShapeDtypeStruct((2, 200, 3, dk), jnp.float32))
     loss = lambda *a: gpu.gla(*a, config=config).astype(jnp.float32).sum()
@@ -281,9 +261,7 @@ def test_gpu_segmented_state_passes():
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", [dict(fused=True), dict(fused=True, prefetch=False), dict(prefetch=False),
                                      dict(state_block_k=16, state_block_v=16), dict(warps_grad=8, stages=3),
-                                     dict(grad_version=1), dict(gate_cumsum="matmul"), dict(intra="levels"),
-                                     dict(gate_cumsum="kernel"), dict(gate_cumsum="kernel", intra="levels"),
-                                     dict(gate_cumsum="kernel", state_segments=8, state_block_v=64)])
+                                     dict(grad_version=1), dict(gate_cumsum="matmul"), dict(intra="levels")])
 def test_gpu_kernel_variants_match_reference(variant):
   config = dataclasses.replace(gpu.KernelConfig(), **variant)
   _check((2, 3000, 6, 32, 64), jnp.bfloat16, None, config, interpret=False)
