@@ -60,7 +60,9 @@ def cell(model: str, px: int, precision: str, *, batch: int | None = None, atten
   hoisting the log-step norms into every step's optimizer fusions; diag="gate_cumsum_scan": the GPU GLA op
   forms its chunk-local gate cumsum with `jnp.cumsum` at every length (`gpu.tuned_config` takes the batched
   GEMM from 4096 tokens up since session 6); diag="intra_levels": the GPU GLA kernels' intra-chunk scores
-  always through the levels (before session 7: no one-reference-row path).
+  always through the levels (before session 7: no one-reference-row path); diag="state_s6" / "state_s7": the
+  state passes tiled as `gpu.tuned_config` tiled them for few (batch, head) pairs before session 7 / in
+  session 7 ((16, 32) K x V tiles, unsegmented / 8 segments), instead of session 8's whole states.
   """
   is_dig = model.startswith("DiG")
   label = model + ("" if is_dig else f"-{attention}")
@@ -98,7 +100,9 @@ def _suffix(tag: str) -> str:
 
 
 # diag names that change the GPU GLA op's KernelConfig (see `cell`).
-DIAG_KERNEL_OVERRIDES = {"gate_cumsum_scan": dict(gate_cumsum="scan"), "intra_levels": dict(intra="levels")}
+DIAG_KERNEL_OVERRIDES = {"gate_cumsum_scan": dict(gate_cumsum="scan"), "intra_levels": dict(intra="levels"),
+                         "state_s6": dict(state_block_k=16, state_block_v=32, state_segments=1),
+                         "state_s7": dict(state_block_k=16, state_block_v=32, state_segments=8)}
 
 
 def extra_cells(spec: str) -> list[dict[str, Any]]:

@@ -35,6 +35,10 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 MIN_DIM, MAX_DIM = 16, 128
 FUSED_MAX_SEQUENCES = 96  # tuned_config: the fused forward only below this many (batch x head) sequences
 GEMM_CUMSUM_MIN_TOKENS = 4096  # tuned_config: the gate cumsum as a GEMM from this many tokens up
+# tuned_config, long sequences (session 8): from this many chunks, with K, V <= 64, the state passes take the
+# whole K x V state per program and run in enough segments for about STATE_TARGET_PROGRAMS programs.
+WHOLE_STATE_MIN_CHUNKS = 128
+STATE_TARGET_PROGRAMS = 192
 
 
 def _is_pow2(n: int) -> bool:
@@ -89,7 +93,10 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
   step 2 % and its forward 5 % slower in a repeated run, where XLA fuses the scan into the gate's math).
   The state passes run in up to 8 parallel segments where they would have fewer than 64 programs and at
   least 64 chunks (session 7, H100: B2 T50176 32/64 fwd 0.99 -> 0.59 ms, fwd+bwd 2.20 -> 1.51; at B8 T12544,
-  96 programs, segments gained nothing, and at 4 chunks they cost 15 %).
+  96 programs, segments gained nothing, and at 4 chunks they cost 15 %). From WHOLE_STATE_MIN_CHUNKS chunks
+  with head dims <= 64 each state-pass program takes the whole K x V state (k and G are then read once, not
+  once per V tile) and the passes run in up to 16 segments, as many as bring the programs to about
+  STATE_TARGET_PROGRAMS (session 8, H100, NOTES.md).
   """
   b, tokens, heads, dim_k = q_shape
   chunk = chunk or default_chunk_size(tokens)
@@ -98,9 +105,12 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
   fused = num_chunks <= 4 and b * heads < FUSED_MAX_SEQUENCES and max(dim_k, v_shape[-1]) <= 64
   fp32_wide = jnp.dtype(dtype) == jnp.float32 and dim_k > 64
   few_programs = programs < 64
-  return KernelConfig(chunk_size=chunk, fused=fused, state_block_k=16 if few_programs else 32,
-                      state_segments=8 if few_programs and num_chunks >= 64 else 1,
-                      state_block_v=32, score_block_k=32 if fp32_wide else dim_k,
+  state = dict(state_block_k=16 if few_programs else 32, state_block_v=32,
+               state_segments=8 if few_programs and num_chunks >= 64 else 1)
+  if num_chunks >= WHOLE_STATE_MIN_CHUNKS and max(dim_k, v_shape[-1]) <= 64:
+    state = dict(state_block_k=dim_k, state_block_v=v_shape[-1],
+                 state_segments=min(16, -(-STATE_TARGET_PROGRAMS // (b * heads))))
+  return KernelConfig(chunk_size=chunk, fused=fused, **state, score_block_k=32 if fp32_wide else dim_k,
                       grad_block_k=32 if dim_k >= 64 else dim_k,
                       gate_cumsum="matmul" if tokens >= GEMM_CUMSUM_MIN_TOKENS else "scan")
 

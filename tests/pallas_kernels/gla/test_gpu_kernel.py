@@ -159,12 +159,18 @@ def test_is_supported_and_input_errors():
 
 def test_default_chunk_and_tuned_tiles():
   assert [gpu.default_chunk_size(t) for t in (1, 16, 17, 40, 64, 65, 5000)] == [16, 16, 32, 64, 64, 64, 64]
-  long_small_batch = gpu.tuned_config((2, 50176, 6, 32), (2, 50176, 6, 64))
-  assert not long_small_batch.fused and long_small_batch.state_block_k == 16
-  assert long_small_batch.state_segments == 8    # < 64 state programs, >= 64 chunks
-  long_batch = gpu.tuned_config((8, 12544, 6, 32), (8, 12544, 6, 64))
-  assert long_batch.state_block_k == 32 and long_batch.state_segments == 1
-  assert gpu.tuned_config((2, 2048, 6, 32), (2, 2048, 6, 64)).state_segments == 1  # 32 chunks
+  def state_tiles(b, t, dk, dv):
+    cfg = gpu.tuned_config((b, t, 6, dk), (b, t, 6, dv))
+    return cfg.state_block_k, cfg.state_block_v, cfg.state_segments
+  # >= 128 chunks, K, V <= 64: whole states, segments up to ~192 programs (at most 16).
+  assert state_tiles(2, 50176, 32, 64) == (32, 64, 16) and not gpu.tuned_config((2, 50176, 6, 32),
+                                                                                (2, 50176, 6, 64)).fused
+  assert state_tiles(8, 12544, 32, 64) == (32, 64, 4) and state_tiles(8, 12544, 64, 64) == (64, 64, 4)
+  assert state_tiles(2, 12544, 32, 64) == (32, 64, 16)  # DiG-S/2 at 1792 px (196 chunks: 14 segments run)
+  # Fewer chunks or wider heads: (32, 32) tiles, (16, 32) with 8 segments below 64 programs from 64 chunks.
+  assert state_tiles(2, 4096, 32, 64) == (16, 32, 8) and state_tiles(8, 4096, 32, 64) == (32, 32, 1)
+  assert state_tiles(2, 12544, 128, 128) == (32, 32, 1)
+  assert state_tiles(2, 2048, 32, 64) == (16, 32, 1)  # 32 chunks
   # <= 4 chunks: fused forward for few sequences, two-pass for many (DiG-S/2 at 256 px: B=32, H=6).
   assert gpu.tuned_config((8, 256, 6, 32), (8, 256, 6, 64)).fused
   assert not gpu.tuned_config((32, 256, 6, 32), (32, 256, 6, 64)).fused
@@ -252,10 +258,16 @@ def test_gpu_one_reference_row_at_real_sizes(gates, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_segmented_state_passes():
-  # 64 chunks in 8 segments; gates <= 0.1 per step carry state across segment borders.
-  _check((2, 4096, 3, 32, 64), jnp.bfloat16, None, gpu.KernelConfig(state_segments=8), interpret=False,
-         gates=(1e-3, 0.1))
+@pytest.mark.parametrize("shape,config", [
+    ((2, 4096, 3, 32, 64), gpu.KernelConfig(state_segments=8)),  # 64 chunks in 8 segments, (32, 32) tiles
+    ((1, 8192, 3, 32, 64), None),                                # tuned: whole 32 x 64 states, 16 segments
+    ((1, 8150, 2, 64, 64), None)])                               # tuned: whole 64 x 64 states, 16 segments
+def test_gpu_segmented_state_passes(shape, config):
+  # Gates <= 0.1 per step carry state across segment borders.
+  if config is None:
+    tuned = gpu.tuned_config(shape[:4], shape[:3] + shape[4:])
+    assert tuned.state_block_v == shape[4] and tuned.state_segments > 1
+  _check(shape, jnp.bfloat16, None, config, interpret=False, gates=(1e-3, 0.1))
 
 
 @pytest.mark.gpu
