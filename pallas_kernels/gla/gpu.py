@@ -11,8 +11,9 @@ per shape (`tuned_config`), attaches the backward with `jax.custom_vjp` and expo
 their numerics and `KernelConfig` are in `gpu_kernels.py`. Forward: two passes (sequential state pass, then
 chunk-parallel outputs), or one fused sequential kernel for short sequences of few (batch, head) pairs.
 Backward: a reverse state pass, then chunk-parallel dv and dq/dk/dG kernels. With few (batch, head) pairs and
-many chunks both state passes run as parallel segments from zero states, and `_join_segments` (XLA) adds the
-state each segment receives from the ones before (after) it (`KernelConfig.state_segments`, session 7).
+many chunks both state passes run as parallel segments from zero states; `_join_segments` (XLA) forms the
+state each segment receives from the ones before (after) it (`KernelConfig.state_segments`, session 7), and
+the kernels that read the states add it as they load them (`SegmentedStates`, session 8).
 
 `interpret=True` runs the same kernel bodies through Pallas' interpreter (CPU tests); Triton's rules
 (power-of-two blocks, dot dims >= 16) still shape the code even where the interpreter would not enforce them.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -221,8 +223,25 @@ def _state_pass(kernel_fn, inputs, widths: str, dim_v: int, cfg: KernelConfig, g
   return _join_segments(*outs, gamma, reverse)
 
 
-def _join_segments(local: Array, ends: Array, gamma: Array, reverse: bool) -> Array:
-  """States of a segmented pass from its per-segment parts (XLA; S small, unrolled).
+class SegmentedStates(NamedTuple):
+  """The states of a segmented pass, not summed up: h_n = local[n] + decay[n] * carry[segment of n].
+
+  The kernels that read states add the two parts as they load them (`gpu_kernels.load_state`), so no pass
+  over every state joins them; `materialize` does (the one-kernel gradient, `grad_version=1`, and tests).
+  """
+  local: Array   # [B, NT, H, K, V], bf16 for bf16 inputs: what the segment's own chunks put in
+  carry: Array   # [B, S, H, K, V] fp32: the state entering each segment (from its right when reverse)
+  decay: Array   # [B, NT, H, K] fp32: e^(sum of the log decays between the segment's border and chunk n)
+
+  def materialize(self) -> Array:
+    b, nt, heads, dim_k, dim_v = self.local.shape
+    segments = self.carry.shape[1]
+    carry = jnp.repeat(self.carry, nt // segments, axis=1)
+    return (self.local.astype(jnp.float32) + self.decay[..., None] * carry).astype(self.local.dtype)
+
+
+def _join_segments(local: Array, ends: Array, gamma: Array, reverse: bool) -> SegmentedStates:
+  """The parts of a segmented pass's states (XLA on [B, S, H, K, V] and [B, NT, H, K]; S small, unrolled).
 
   Forward: local[n] holds what chunks a..n-1 of n's segment [a, b) put into h_n; the true h_n adds
   e^(gamma_a + ... + gamma_{n-1}) * H_a, where H_a (the state entering the segment) = ends[s-1] +
@@ -244,10 +263,7 @@ def _join_segments(local: Array, ends: Array, gamma: Array, reverse: bool) -> Ar
   for s in order:
     src = s + 1 if reverse else s - 1
     carries[s] = carries[src] * total[:, src] + ends[:, src]
-  carry = jnp.stack(carries, axis=1)[:, :, None]                         # [B, S, 1, H, K, V]
-  joined = (local.reshape(b, segments, nt // segments, heads, dim_k, dim_v).astype(jnp.float32)
-            + jnp.exp(decay_in)[..., None] * carry)
-  return joined.reshape(local.shape).astype(local.dtype)
+  return SegmentedStates(local, jnp.stack(carries, axis=1), jnp.exp(decay_in).reshape(b, nt, heads, dim_k))
 
 
 def _states(k, v, g, cfg: KernelConfig):
@@ -260,15 +276,31 @@ def _chunk_spec(c: int, width: int, tiled: bool = False):
   return pl.BlockSpec((None, c, None, width), lambda b, h, n, *t: (b, n, h, 0))
 
 
+def _state_operands(states, block: tuple[int, int], tiled: str):
+  """Operands and BlockSpecs that give a chunk-parallel kernel (grid (b, h, n, tile)) chunk n's state: a
+  `block` of the K x V state at the grid's K tile (`tiled="k"`) or V tile ("v"). A `SegmentedStates` passes
+  its three parts (the kernel adds them: `gpu_kernels.load_state`)."""
+  def spec(shape, chunk_index, tile_index):
+    return pl.BlockSpec((None, None, None) + shape,
+                        lambda i, j, n, t: (i, chunk_index(n), j) + tile_index(t))
+  at = (lambda t: (t, 0)) if tiled == "k" else (lambda t: (0, t))
+  if not isinstance(states, SegmentedStates):
+    return [states], [spec(block, lambda n: n, at)]
+  per_segment = states.local.shape[1] // states.carry.shape[1]
+  return list(states), [spec(block, lambda n: n, at), spec(block, lambda n: n // per_segment, at),
+                        spec(block[:1], lambda n: n, lambda t: at(t)[:1])]
+
+
 def _outputs(q, k, v, g, hs, cfg: KernelConfig):
   b, tokens, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   c, bv = cfg.chunk_size, min(cfg.fwd_block_v, dim_v)
-  kernel = functools.partial(gpu_kernels.out_kernel, cfg=cfg, **_common(q, cfg))
+  h_ops, h_specs = _state_operands(hs, (dim_k, bv), "v")
+  kernel = functools.partial(gpu_kernels.out_kernel, cfg=cfg, state_refs=len(h_ops), **_common(q, cfg))
   return _call(kernel, cfg, cfg.warps_out, (b, heads, tokens // c, dim_v // bv),
                [_chunk_spec(c, dim_k), _chunk_spec(c, dim_k), _chunk_spec(c, bv, True), _chunk_spec(c, dim_k),
-                pl.BlockSpec((None, None, None, dim_k, bv), lambda i, j, n, t: (i, n, j, 0, t))],
-               _chunk_spec(c, bv, True), jax.ShapeDtypeStruct(v.shape, v.dtype))(q, k, v, g, hs)
+                *h_specs],
+               _chunk_spec(c, bv, True), jax.ShapeDtypeStruct(v.shape, v.dtype))(q, k, v, g, *h_ops)
 
 
 def _two_pass_forward(q, k, v, g, cfg: KernelConfig):
@@ -288,6 +320,7 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
   chunk_k = _chunk_spec(c, dim_k)
   dqk_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype)]
   if cfg.grad_version == 1:
+    hs, ds = (x.materialize() if isinstance(x, SegmentedStates) else x for x in (hs, ds))
     state_spec = pl.BlockSpec((None, None, None, dim_k, dim_v), lambda i, j, n: (i, n, j, 0, 0))
     chunk_v = _chunk_spec(c, dim_v)
     kernel = functools.partial(gpu_kernels.grad_kernel, cfg=cfg, **common)
@@ -298,21 +331,24 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
                                          jax.ShapeDtypeStruct(g.shape, jnp.float32)])(q, k, v, g, do, hs, ds)
     return dq, dk, dv, dg
   bv = min(cfg.fwd_block_v, dim_v)
-  dv_kernel = functools.partial(gpu_kernels.dv_kernel, cfg=cfg, **common)
+  d_ops, d_specs = _state_operands(ds, (dim_k, bv), "v")
+  dv_kernel = functools.partial(gpu_kernels.dv_kernel, cfg=cfg, state_refs=len(d_ops), **common)
   dv = _call(dv_kernel, cfg, cfg.warps_out, (b, heads, nt, dim_v // bv),
-             [chunk_k, chunk_k, chunk_k, _chunk_spec(c, bv, True),
-              pl.BlockSpec((None, None, None, dim_k, bv), lambda i, j, n, t: (i, n, j, 0, t))],
-             _chunk_spec(c, bv, True), jax.ShapeDtypeStruct(v.shape, v.dtype))(q, k, g, do, ds)
+             [chunk_k, chunk_k, chunk_k, _chunk_spec(c, bv, True), *d_specs],
+             _chunk_spec(c, bv, True), jax.ShapeDtypeStruct(v.shape, v.dtype))(q, k, g, do, *d_ops)
   # dq/dk/dG over (chunk, K tile): every output channel needs only its own q, k, G and state rows.
   bk = min(cfg.grad_block_k, dim_k)
   tile_k = pl.BlockSpec((None, c, None, bk), lambda i, j, n, kt: (i, n, j, kt))
   whole_v = pl.BlockSpec((None, c, None, dim_v), lambda i, j, n, kt: (i, n, j, 0))
-  state_rows = pl.BlockSpec((None, None, None, bk, dim_v), lambda i, j, n, kt: (i, n, j, kt, 0))
-  dqk_kernel = functools.partial(gpu_kernels.dqk_kernel, cfg=cfg, **common)
+  h_ops, h_specs = _state_operands(hs, (bk, dim_v), "k")
+  d_ops, d_specs = _state_operands(ds, (bk, dim_v), "k")
+  dqk_kernel = functools.partial(gpu_kernels.dqk_kernel, cfg=cfg, state_refs=(len(h_ops), len(d_ops)),
+                                 **common)
   dq, dk, dg = _call(dqk_kernel, cfg, cfg.warps_grad, (b, heads, nt, dim_k // bk),
-                     [tile_k, tile_k, whole_v, tile_k, whole_v, state_rows, state_rows],
+                     [tile_k, tile_k, whole_v, tile_k, whole_v, *h_specs, *d_specs],
                      [tile_k, tile_k, tile_k],
-                     dqk_shapes + [jax.ShapeDtypeStruct(g.shape, jnp.float32)])(q, k, v, g, do, hs, ds)
+                     dqk_shapes + [jax.ShapeDtypeStruct(g.shape, jnp.float32)])(
+                         q, k, v, g, do, *h_ops, *d_ops)
   return dq, dk, dv, dg
 
 

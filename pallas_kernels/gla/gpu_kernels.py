@@ -81,7 +81,8 @@ class KernelConfig:
   warps_grad: int = 4
   stages: int = 2
   state_segments: int = 1     # the sequential state passes split into up to this many segments run in
-                              # parallel (the largest divisor of the chunk count <= it), joined by XLA
+                              # parallel (the largest divisor of the chunk count <= it), see
+                              # gpu.SegmentedStates
   prefetch: bool = True       # manual prefetch of the next chunk in the sequential kernels
   fp32_dots: str = "ieee"     # fp32 inputs: "ieee" fp32 dots, or "tf32" tensor-core dots (see `gla`)
   gate_cumsum: str = "scan"   # how XLA forms G before the kernels: reference.chunk_local_cumsum's method
@@ -268,6 +269,15 @@ def _sequential(num_chunks: int, load, step, init, prefetch: bool, reverse: bool
   return jax.lax.fori_loop(0, num_chunks, body, (init, load(order(0))))[0]
 
 
+def load_state(refs, rows=slice(None), cols=slice(None)) -> Array:
+  """A block of chunk n's state from its refs: the stored state (its own dtype), or for a segmented pass
+  (`gpu.SegmentedStates`) its local part plus decay * the state entering the segment, in fp32."""
+  if len(refs) == 1:
+    return refs[0][rows, cols]
+  local, carry, decay = refs
+  return local[rows, cols].astype(jnp.float32) + decay[rows][:, None] * carry[rows, cols]
+
+
 def _segment_start(num_chunks: int, seg_refs) -> Array | int:
   """First chunk of this program's segment (grid axis 4) when the state pass is split into segments."""
   return pl.program_id(4) * num_chunks if seg_refs else 0
@@ -310,12 +320,15 @@ def state_kernel(k_ref, v_ref, g_ref, hs_ref, *seg_refs, cfg, num_chunks, mm_dty
     seg_refs[0][...] = h
 
 
-def out_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, cfg, mm_dtype, prec):
-  """F2/F3 for one chunk and one V tile; the K contractions run over K tiles of `cfg.score_block_k`."""
+def out_kernel(q_ref, k_ref, v_ref, g_ref, *refs, cfg, mm_dtype, prec, state_refs: int):
+  """F2/F3 for one chunk and one V tile; the K contractions run over K tiles of `cfg.score_block_k`.
+
+  refs: h_n's `state_refs` refs (see `load_state`), then o."""
+  h_refs, (o_ref,) = refs[:state_refs], refs[state_refs:]
   o = a = None
   for cols in _k_tiles(q_ref.shape[-1], cfg.score_block_k):
     qf, kf, g = q_ref[:, cols].astype(jnp.float32), k_ref[:, cols].astype(jnp.float32), g_ref[:, cols]
-    inter = _mm((qf * _exp(g)).astype(mm_dtype), h_ref[cols, :].astype(mm_dtype), prec)
+    inter = _mm((qf * _exp(g)).astype(mm_dtype), load_state(h_refs, cols).astype(mm_dtype), prec)
     scores = _scores(qf, kf, g, g_ref, 0, cfg.chunk_size, mm_dtype, prec, cfg, cols)
     o, a = (inter, scores) if o is None else (o + inter, a + scores)
   o = o + _mm(a.astype(mm_dtype), v_ref[...].astype(mm_dtype), prec)
@@ -403,8 +416,11 @@ def grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref
   dg_ref[...] = dg
 
 
-def dv_kernel(q_ref, k_ref, g_ref, do_ref, d_ref, dv_ref, *, cfg, mm_dtype, prec):
-  """B3 for one chunk and one V tile: dv = A^T do + (k e^(gamma - G)) D_n, K contracted in tiles."""
+def dv_kernel(q_ref, k_ref, g_ref, do_ref, *refs, cfg, mm_dtype, prec, state_refs: int):
+  """B3 for one chunk and one V tile: dv = A^T do + (k e^(gamma - G)) D_n, K contracted in tiles.
+
+  refs: D_n's `state_refs` refs (see `load_state`), then dv."""
+  d_refs, (dv_ref,) = refs[:state_refs], refs[state_refs:]
   c = cfg.chunk_size
   a = inter = None
   for cols in _k_tiles(q_ref.shape[-1], cfg.score_block_k):
@@ -412,17 +428,18 @@ def dv_kernel(q_ref, k_ref, g_ref, do_ref, d_ref, dv_ref, *, cfg, mm_dtype, prec
     kf = k_ref[:, cols].astype(jnp.float32)
     scores = _scores(q_ref[:, cols].astype(jnp.float32), kf, g, g_ref, 0, c, mm_dtype, prec, cfg, cols)
     k_dec = (kf * _exp(g_last[None, :] - g)).astype(mm_dtype)
-    tile_inter = _mm(k_dec, d_ref[cols, :].astype(mm_dtype), prec)
+    tile_inter = _mm(k_dec, load_state(d_refs, cols).astype(mm_dtype), prec)
     a, inter = (scores, tile_inter) if a is None else (a + scores, inter + tile_inter)
   dv = _mm_tn((a * cfg.scale).astype(mm_dtype), do_ref[...].astype(mm_dtype), prec) + inter
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref, dg_ref, *, cfg, mm_dtype,
-                prec):
+def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, *refs, cfg, mm_dtype, prec, state_refs: tuple[int, int]):
   """B2, B4-B6 for one chunk and one K tile (grid axis; only dA = do v^T spans K, and it does not depend on
   the K tile, so each tile recomputes it); the inter-chunk terms are folded in first so few C x K tensors
-  stay alive."""
+  stay alive. refs: h_n's and D_n's refs (`state_refs` of each, see `load_state`), then dq, dk, dG."""
+  n_h, n_d = state_refs
+  h_refs, d_refs, (dq_ref, dk_ref, dg_ref) = refs[:n_h], refs[n_h:n_h + n_d], refs[n_h + n_d:]
   c, scale = cfg.chunk_size, cfg.scale
   dim_v = v_ref.shape[-1]
   bv = min(cfg.grad_block_v, dim_v)
@@ -430,7 +447,7 @@ def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref,
   d_a = dq = dk = hd = None
   for t in [pl.ds(i * bv, bv) for i in range(dim_v // bv)]:
     do_t, v_t = do_ref[:, t].astype(mm_dtype), v_ref[:, t].astype(mm_dtype)
-    h_t, d_t = h_ref[:, t], d_ref[:, t]
+    h_t, d_t = load_state(h_refs, cols=t), load_state(d_refs, cols=t)
     terms = (_mm_nt(do_t, v_t, prec), _mm_nt(do_t, h_t.astype(mm_dtype), prec),
              _mm_nt(v_t, d_t.astype(mm_dtype), prec),
              jnp.sum(h_t.astype(jnp.float32) * d_t.astype(jnp.float32), axis=1))

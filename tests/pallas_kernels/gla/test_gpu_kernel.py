@@ -122,14 +122,16 @@ def test_interpret_one_reference_row_where_the_decay_span_allows(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_interpret_segmented_state_passes(dtype):
-  """`state_segments`: the forward and reverse state passes run as parallel segments from zero states, and XLA
-  adds what flows in from the earlier (later) segments. 12 chunks of 16 in 4 and in 6 segments (8 asked: the
-  largest divisor <= 8), mild gates (|g| <= 0.05 per step) so that states carry across segment borders."""
+  """`state_segments`: the forward and reverse state passes run as parallel segments from zero states, and
+  XLA forms what flows in from the earlier (later) segments, which the output and gradient kernels add as they
+  load the states (the one-kernel gradient, grad_version=1, gets them summed up by XLA). 12 chunks of 16 in 4
+  and in 6 segments (8 asked: the largest divisor <= 8), mild gates (|g| <= 0.05 per step) so that states
+  carry across segment borders."""
   assert [gpu.state_segments(gpu.KernelConfig(state_segments=s), n)
           for s, n in ((8, 12), (4, 12), (8, 196), (16, 784), (4, 13), (1, 64))] == [6, 4, 7, 16, 1, 1]
-  for segments in (4, 8):
-    _check((1, 192, 2, 16, 32), dtype, 16, gpu.KernelConfig(fused=False, state_segments=segments),
-           interpret=True, gates=(1e-3, 0.05))
+  for segments, grad_version in ((4, 2), (8, 2), (4, 1)):
+    config = gpu.KernelConfig(fused=False, state_segments=segments, grad_version=grad_version)
+    _check((1, 192, 2, 16, 32), dtype, 16, config, interpret=True, gates=(1e-3, 0.05))
 
 
 def test_is_supported_and_input_errors():
