@@ -227,16 +227,14 @@ class SegmentedStates(NamedTuple):
   """The states of a segmented pass, not summed up: h_n = local[n] + decay[n] * carry[segment of n].
 
   The kernels that read states add the two parts as they load them (`gpu_kernels.load_state`), so no pass
-  over every state joins them; `materialize` does (the one-kernel gradient, `grad_version=1`, and tests).
+  over every state joins them; `materialize` does (for the one-kernel gradient, `grad_version=1`).
   """
   local: Array   # [B, NT, H, K, V], bf16 for bf16 inputs: what the segment's own chunks put in
   carry: Array   # [B, S, H, K, V] fp32: the state entering each segment (from its right when reverse)
   decay: Array   # [B, NT, H, K] fp32: e^(sum of the log decays between the segment's border and chunk n)
 
   def materialize(self) -> Array:
-    b, nt, heads, dim_k, dim_v = self.local.shape
-    segments = self.carry.shape[1]
-    carry = jnp.repeat(self.carry, nt // segments, axis=1)
+    carry = jnp.repeat(self.carry, self.local.shape[1] // self.carry.shape[1], axis=1)
     return (self.local.astype(jnp.float32) + self.decay[..., None] * carry).astype(self.local.dtype)
 
 
@@ -248,7 +246,7 @@ def _join_segments(local: Array, ends: Array, gamma: Array, reverse: bool) -> Se
   e^(segment s-1's total decay) * H of segment s-1. Backward (`reverse`): local[n] = what chunks n+1..b-1 put
   into D_n; the rest is e^(gamma_{n+1} + ... + gamma_{b-1}) * D_{b-1}, carried from the right likewise.
   """
-  b, nt, heads, dim_k, dim_v = local.shape
+  b, nt, heads, dim_k = local.shape[:4]
   segments = ends.shape[1]
   gam = gamma.reshape(b, segments, nt // segments, heads, dim_k)
   if reverse:
