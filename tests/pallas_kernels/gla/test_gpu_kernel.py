@@ -165,8 +165,8 @@ def test_default_chunk_and_tuned_tiles():
     cfg = gpu.tuned_config((b, t, 6, dk), (b, t, 6, dv))
     return cfg.state_block_k, cfg.state_block_v, cfg.state_segments
   # >= 128 chunks, K, V <= 64: whole states, segments up to ~192 programs (at most 16).
-  assert state_tiles(2, 50176, 32, 64) == (32, 64, 16) and not gpu.tuned_config((2, 50176, 6, 32),
-                                                                                (2, 50176, 6, 64)).fused
+  assert state_tiles(2, 50176, 32, 64) == (32, 64, 16)
+  assert not gpu.tuned_config((2, 50176, 6, 32), (2, 50176, 6, 64)).fused
   assert state_tiles(8, 12544, 32, 64) == (32, 64, 4) and state_tiles(8, 12544, 64, 64) == (64, 64, 4)
   assert state_tiles(2, 12544, 32, 64) == (32, 64, 16)  # DiG-S/2 at 1792 px (196 chunks: 14 segments run)
   # Fewer chunks or wider heads: (32, 32) tiles, (16, 32) with 8 segments below 64 programs from 64 chunks.
