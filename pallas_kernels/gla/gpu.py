@@ -107,11 +107,12 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
   fused = num_chunks <= 4 and b * heads < FUSED_MAX_SEQUENCES and max(dim_k, v_shape[-1]) <= 64
   fp32_wide = jnp.dtype(dtype) == jnp.float32 and dim_k > 64
   few_programs = programs < 64
-  state = dict(state_block_k=16 if few_programs else 32, state_block_v=32,
-               state_segments=8 if few_programs and num_chunks >= 64 else 1)
   if num_chunks >= WHOLE_STATE_MIN_CHUNKS and max(dim_k, v_shape[-1]) <= 64:
     state = dict(state_block_k=dim_k, state_block_v=v_shape[-1],
                  state_segments=min(16, -(-STATE_TARGET_PROGRAMS // (b * heads))))
+  else:
+    state = dict(state_block_k=16 if few_programs else 32, state_block_v=32,
+                 state_segments=8 if few_programs and num_chunks >= 64 else 1)
   return KernelConfig(chunk_size=chunk, fused=fused, **state, score_block_k=32 if fp32_wide else dim_k,
                       grad_block_k=32 if dim_k >= 64 else dim_k,
                       gate_cumsum="matmul" if tokens >= GEMM_CUMSUM_MIN_TOKENS else "scan")
@@ -202,7 +203,8 @@ def _state_pass(kernel_fn, inputs, widths: str, dim_v: int, cfg: KernelConfig, g
 
   `inputs` are [B, T, H, K] or [B, T, H, V] tensors; `widths` says which, one letter ("k"/"v") per input. For
   the forward state pass (k, v, G) and the backward one (q, G, dO, `reverse`). With several segments
-  (`state_segments`) each runs from a zero state in parallel and `_join_segments` adds what flows in.
+  (`state_segments`) each runs from a zero state in parallel and the result is a `SegmentedStates` (its
+  parts from `_join_segments`), else the states themselves.
   """
   b, tokens, heads, dim_k = inputs[0].shape
   bk, bv = min(cfg.state_block_k, dim_k), min(cfg.state_block_v, dim_v)
