@@ -124,9 +124,8 @@ def _check_config(config: KernelConfig) -> None:
   if config.gate_cumsum not in reference.CUMSUM_METHODS:
     raise ValueError(f"KernelConfig.gate_cumsum must be one of {reference.CUMSUM_METHODS}; "
                      f"got {config.gate_cumsum!r}")
-  for name in ("state_segments", "out_chunks", "grad_chunks"):
-    if getattr(config, name) < 1:
-      raise ValueError(f"KernelConfig.{name} must be >= 1; got {getattr(config, name)!r}")
+  if config.state_segments < 1:
+    raise ValueError(f"KernelConfig.state_segments must be >= 1; got {config.state_segments!r}")
   if config.intra not in INTRA_MODES:
     raise ValueError(f"KernelConfig.intra must be one of {INTRA_MODES}; got {config.intra!r}")
 
@@ -194,19 +193,9 @@ def _fused_forward(q, k, v, g, cfg: KernelConfig, save_states: bool):
   return outs[0], (outs[1] if save_states else None)
 
 
-def _largest_divisor(n: int, limit: int) -> int:
-  return max(d for d in range(1, limit + 1) if n % d == 0)
-
-
 def state_segments(cfg: KernelConfig, num_chunks: int) -> int:
   """How many segments the state passes run in: the largest divisor of num_chunks <= cfg.state_segments."""
-  return _largest_divisor(num_chunks, cfg.state_segments)
-
-
-def chunk_group(chunks_per_program: int, num_chunks: int) -> int:
-  """Consecutive chunks per program of a chunk-parallel kernel (`KernelConfig.out_chunks` / `grad_chunks`):
-  the largest divisor of num_chunks <= the setting."""
-  return _largest_divisor(num_chunks, chunks_per_program)
+  return max(d for d in range(1, cfg.state_segments + 1) if num_chunks % d == 0)
 
 
 def _state_pass(kernel_fn, inputs, widths: str, dim_v: int, cfg: KernelConfig, g: Array, reverse: bool):
@@ -282,46 +271,36 @@ def _states(k, v, g, cfg: KernelConfig):
 
 
 def _chunk_spec(c: int, width: int, tiled: bool = False):
-  """`c` rows (one chunk, or a program's group of chunks) of one (batch, head); grid (b, h, n, tile)."""
   if tiled:
     return pl.BlockSpec((None, c, None, width), lambda b, h, n, t: (b, n, h, t))
   return pl.BlockSpec((None, c, None, width), lambda b, h, n, *t: (b, n, h, 0))
 
 
-def _state_operands(states, block: tuple[int, int], tiled: str, group: int = 1):
-  """Operands, BlockSpecs and chunks per segment that give a chunk-parallel kernel (grid (b, h, n, tile))
-  the states of its chunk(s): a `block` of the K x V state at the grid's K tile (`tiled="k"`) or V tile
-  ("v"). A `SegmentedStates` passes its three parts (the kernel adds them: `gpu_kernels.load_state`). With
-  `group` > 1 chunks per program the blocks hold the group's chunks and every segment's entering state."""
-  def spec(shape, lead, chunk_index, tile_index):
-    return pl.BlockSpec((None, lead, None) + shape, lambda i, j, n, t: (i, chunk_index(n), j) + tile_index(t))
+def _state_operands(states, block: tuple[int, int], tiled: str):
+  """Operands and BlockSpecs that give a chunk-parallel kernel (grid (b, h, n, tile)) chunk n's state: a
+  `block` of the K x V state at the grid's K tile (`tiled="k"`) or V tile ("v"). A `SegmentedStates` passes
+  its three parts (the kernel adds them: `gpu_kernels.load_state`)."""
+  def spec(shape, chunk_index, tile_index):
+    return pl.BlockSpec((None, None, None) + shape,
+                        lambda i, j, n, t: (i, chunk_index(n), j) + tile_index(t))
   at = (lambda t: (t, 0)) if tiled == "k" else (lambda t: (0, t))
-  lead = None if group == 1 else group
   if not isinstance(states, SegmentedStates):
-    return [states], [spec(block, lead, lambda n: n, at)], 1
-  segments = states.carry.shape[1]
-  per_segment = states.local.shape[1] // segments
-  if group == 1:
-    carry = spec(block, None, lambda n: n // per_segment, at)
-  else:
-    carry = spec(block, segments, lambda n: 0, at)
-  return list(states), [spec(block, lead, lambda n: n, at), carry,
-                        spec(block[:1], lead, lambda n: n, lambda t: at(t)[:1])], per_segment
+    return [states], [spec(block, lambda n: n, at)]
+  per_segment = states.local.shape[1] // states.carry.shape[1]
+  return list(states), [spec(block, lambda n: n, at), spec(block, lambda n: n // per_segment, at),
+                        spec(block[:1], lambda n: n, lambda t: at(t)[:1])]
 
 
 def _outputs(q, k, v, g, hs, cfg: KernelConfig):
   b, tokens, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   c, bv = cfg.chunk_size, min(cfg.fwd_block_v, dim_v)
-  group = chunk_group(cfg.out_chunks, tokens // c)
-  h_ops, h_specs, per_segment = _state_operands(hs, (dim_k, bv), "v", group)
-  kernel = functools.partial(gpu_kernels.out_kernel, cfg=cfg, state_refs=len(h_ops), group=group,
-                             per_segment=per_segment, **_common(q, cfg))
-  rows = c * group
-  return _call(kernel, cfg, cfg.warps_out, (b, heads, tokens // rows, dim_v // bv),
-               [_chunk_spec(rows, dim_k), _chunk_spec(rows, dim_k), _chunk_spec(rows, bv, True),
-                _chunk_spec(rows, dim_k), *h_specs],
-               _chunk_spec(rows, bv, True), jax.ShapeDtypeStruct(v.shape, v.dtype))(q, k, v, g, *h_ops)
+  h_ops, h_specs = _state_operands(hs, (dim_k, bv), "v")
+  kernel = functools.partial(gpu_kernels.out_kernel, cfg=cfg, state_refs=len(h_ops), **_common(q, cfg))
+  return _call(kernel, cfg, cfg.warps_out, (b, heads, tokens // c, dim_v // bv),
+               [_chunk_spec(c, dim_k), _chunk_spec(c, dim_k), _chunk_spec(c, bv, True), _chunk_spec(c, dim_k),
+                *h_specs],
+               _chunk_spec(c, bv, True), jax.ShapeDtypeStruct(v.shape, v.dtype))(q, k, v, g, *h_ops)
 
 
 def _two_pass_forward(q, k, v, g, cfg: KernelConfig):
@@ -352,24 +331,20 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
                                          jax.ShapeDtypeStruct(g.shape, jnp.float32)])(q, k, v, g, do, hs, ds)
     return dq, dk, dv, dg
   bv = min(cfg.fwd_block_v, dim_v)
-  group = chunk_group(cfg.grad_chunks, nt)
-  rows = c * group
-  chunk_k = _chunk_spec(rows, dim_k)
-  d_ops, d_specs, per_segment = _state_operands(ds, (dim_k, bv), "v", group)
-  dv_kernel = functools.partial(gpu_kernels.dv_kernel, cfg=cfg, state_refs=len(d_ops), group=group,
-                                per_segment=per_segment, **common)
-  dv = _call(dv_kernel, cfg, cfg.warps_out, (b, heads, nt // group, dim_v // bv),
-             [chunk_k, chunk_k, chunk_k, _chunk_spec(rows, bv, True), *d_specs],
-             _chunk_spec(rows, bv, True), jax.ShapeDtypeStruct(v.shape, v.dtype))(q, k, g, do, *d_ops)
+  d_ops, d_specs = _state_operands(ds, (dim_k, bv), "v")
+  dv_kernel = functools.partial(gpu_kernels.dv_kernel, cfg=cfg, state_refs=len(d_ops), **common)
+  dv = _call(dv_kernel, cfg, cfg.warps_out, (b, heads, nt, dim_v // bv),
+             [chunk_k, chunk_k, chunk_k, _chunk_spec(c, bv, True), *d_specs],
+             _chunk_spec(c, bv, True), jax.ShapeDtypeStruct(v.shape, v.dtype))(q, k, g, do, *d_ops)
   # dq/dk/dG over (chunk, K tile): every output channel needs only its own q, k, G and state rows.
   bk = min(cfg.grad_block_k, dim_k)
-  tile_k = pl.BlockSpec((None, rows, None, bk), lambda i, j, n, kt: (i, n, j, kt))
-  whole_v = pl.BlockSpec((None, rows, None, dim_v), lambda i, j, n, kt: (i, n, j, 0))
-  h_ops, h_specs, _ = _state_operands(hs, (bk, dim_v), "k", group)
-  d_ops, d_specs, _ = _state_operands(ds, (bk, dim_v), "k", group)
+  tile_k = pl.BlockSpec((None, c, None, bk), lambda i, j, n, kt: (i, n, j, kt))
+  whole_v = pl.BlockSpec((None, c, None, dim_v), lambda i, j, n, kt: (i, n, j, 0))
+  h_ops, h_specs = _state_operands(hs, (bk, dim_v), "k")
+  d_ops, d_specs = _state_operands(ds, (bk, dim_v), "k")
   dqk_kernel = functools.partial(gpu_kernels.dqk_kernel, cfg=cfg, state_refs=(len(h_ops), len(d_ops)),
-                                 group=group, per_segment=per_segment, **common)
-  dq, dk, dg = _call(dqk_kernel, cfg, cfg.warps_grad, (b, heads, nt // group, dim_k // bk),
+                                 **common)
+  dq, dk, dg = _call(dqk_kernel, cfg, cfg.warps_grad, (b, heads, nt, dim_k // bk),
                      [tile_k, tile_k, whole_v, tile_k, whole_v, *h_specs, *d_specs],
                      [tile_k, tile_k, tile_k],
                      dqk_shapes + [jax.ShapeDtypeStruct(g.shape, jnp.float32)])(

@@ -84,9 +84,6 @@ class KernelConfig:
                               # parallel (the largest divisor of the chunk count <= it), see
                               # gpu.SegmentedStates
   prefetch: bool = True       # manual prefetch of the next chunk in the sequential kernels
-  out_chunks: int = 1         # consecutive chunks per program of the output kernel (> 1: a loop with
-                              # prefetch; the largest divisor of the chunk count <= it, `gpu.chunk_group`)
-  grad_chunks: int = 1        # the same for the dv and dq/dk/dG kernels
   fp32_dots: str = "ieee"     # fp32 inputs: "ieee" fp32 dots, or "tf32" tensor-core dots (see `gla`)
   gate_cumsum: str = "scan"   # how XLA forms G before the kernels: reference.chunk_local_cumsum's method
   intra: str = "adaptive"     # intra-chunk scores: "adaptive" (one reference row where the chunk's decay
@@ -272,44 +269,13 @@ def _sequential(num_chunks: int, load, step, init, prefetch: bool, reverse: bool
   return jax.lax.fori_loop(0, num_chunks, body, (init, load(order(0))))[0]
 
 
-def load_state(refs, rows=slice(None), cols=slice(None), chunk=None, segment=None) -> Array:
+def load_state(refs, rows=slice(None), cols=slice(None)) -> Array:
   """A block of chunk n's state from its refs: the stored state (its own dtype), or for a segmented pass
-  (`gpu.SegmentedStates`) its local part plus decay * the state entering the segment, in fp32.
-
-  A program of one chunk gets refs of that chunk; one of several (`chunk_loop`) gets refs of all its chunks
-  (and of every segment's entering state) and says which: `chunk` in the program, `segment` of the pass."""
-  at = () if chunk is None else (chunk,)
+  (`gpu.SegmentedStates`) its local part plus decay * the state entering the segment, in fp32."""
   if len(refs) == 1:
-    return refs[0][(*at, rows, cols)]
+    return refs[0][rows, cols]
   local, carry, decay = refs
-  seg = () if chunk is None else (segment,)
-  return (local[(*at, rows, cols)].astype(jnp.float32)
-          + decay[(*at, rows)][:, None] * carry[(*seg, rows, cols)])
-
-
-def first_chunk(group: int):
-  """The pass's index of a chunk-parallel program's first chunk (grid axis 2 counts groups of `group`);
-  read at the kernel's top level (the interpreter has no program_id inside loops)."""
-  return pl.program_id(2) * group if group > 1 else 0
-
-
-def state_loader(refs, chunk, group: int, per_segment: int, first):
-  """`load_state` for chunk `chunk` of a program of `group` chunks starting at chunk `first`."""
-  if group == 1:
-    return lambda rows=slice(None), cols=slice(None): load_state(refs, rows, cols)
-  segment = (first + chunk) // per_segment
-  return lambda rows=slice(None), cols=slice(None): load_state(refs, rows, cols, chunk, segment)
-
-
-def chunk_loop(group: int, load, step, prefetch: bool) -> None:
-  """step(i, load(i)) for the `group` consecutive chunks of a chunk-parallel program: one chunk runs straight,
-  several run in a loop that (with `prefetch`) loads chunk i + 1 before chunk i's math, so one program's
-  loads overlap its own math instead of relying on other resident programs to hide the memory latency."""
-  if group == 1:
-    step(0, load(0))
-    return
-  _sequential(group, load, lambda i, carry, tiles: (step(i, tiles), carry)[1], jnp.zeros((), jnp.int32),
-              prefetch)
+  return local[rows, cols].astype(jnp.float32) + decay[rows][:, None] * carry[rows, cols]
 
 
 def _segment_start(num_chunks: int, seg_refs) -> Array | int:
@@ -354,32 +320,19 @@ def state_kernel(k_ref, v_ref, g_ref, hs_ref, *seg_refs, cfg, num_chunks, mm_dty
     seg_refs[0][...] = h
 
 
-def out_kernel(q_ref, k_ref, v_ref, g_ref, *refs, cfg, mm_dtype, prec, state_refs: int, group: int = 1,
-               per_segment: int = 1):
-  """F2/F3 for `group` consecutive chunks (`chunk_loop`) and one V tile; the K contractions run over K tiles of
-  `cfg.score_block_k`. refs: h's `state_refs` refs (see `load_state`), then o."""
+def out_kernel(q_ref, k_ref, v_ref, g_ref, *refs, cfg, mm_dtype, prec, state_refs: int):
+  """F2/F3 for one chunk and one V tile; the K contractions run over K tiles of `cfg.score_block_k`.
+
+  refs: h_n's `state_refs` refs (see `load_state`), then o."""
   h_refs, (o_ref,) = refs[:state_refs], refs[state_refs:]
-  c = cfg.chunk_size
-  k_tiles = _k_tiles(q_ref.shape[-1], cfg.score_block_k)
-  first = first_chunk(group)
-
-  def load(i):
-    rows, state = _rows(i, c), state_loader(h_refs, i, group, per_segment, first)
-    return v_ref[rows, :], [(q_ref[rows, cols], k_ref[rows, cols], g_ref[rows, cols], state(cols))
-                            for cols in k_tiles]
-
-  def step(i, tiles):
-    v, per_tile = tiles
-    o = a = None
-    for cols, (q, k, g, h) in zip(k_tiles, per_tile):
-      qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
-      inter = _mm((qf * _exp(g)).astype(mm_dtype), h.astype(mm_dtype), prec)
-      scores = _scores(qf, kf, g, g_ref, i * c, c, mm_dtype, prec, cfg, cols)
-      o, a = (inter, scores) if o is None else (o + inter, a + scores)
-    o = o + _mm(a.astype(mm_dtype), v.astype(mm_dtype), prec)
-    o_ref[_rows(i, c), :] = (o * cfg.scale).astype(o_ref.dtype)
-
-  chunk_loop(group, load, step, cfg.prefetch)
+  o = a = None
+  for cols in _k_tiles(q_ref.shape[-1], cfg.score_block_k):
+    qf, kf, g = q_ref[:, cols].astype(jnp.float32), k_ref[:, cols].astype(jnp.float32), g_ref[:, cols]
+    inter = _mm((qf * _exp(g)).astype(mm_dtype), load_state(h_refs, cols).astype(mm_dtype), prec)
+    scores = _scores(qf, kf, g, g_ref, 0, cfg.chunk_size, mm_dtype, prec, cfg, cols)
+    o, a = (inter, scores) if o is None else (o + inter, a + scores)
+  o = o + _mm(a.astype(mm_dtype), v_ref[...].astype(mm_dtype), prec)
+  o_ref[...] = (o * cfg.scale).astype(o_ref.dtype)
 
 
 def dstate_kernel(q_ref, g_ref, do_ref, ds_ref, *seg_refs, cfg, num_chunks, mm_dtype, prec):
@@ -463,81 +416,56 @@ def grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref
   dg_ref[...] = dg
 
 
-def dv_kernel(q_ref, k_ref, g_ref, do_ref, *refs, cfg, mm_dtype, prec, state_refs: int, group: int = 1,
-              per_segment: int = 1):
-  """B3 for `group` consecutive chunks (`chunk_loop`) and one V tile: dv = A^T do + (k e^(gamma - G)) D_n, K
-  contracted in tiles. refs: D's `state_refs` refs (see `load_state`), then dv."""
+def dv_kernel(q_ref, k_ref, g_ref, do_ref, *refs, cfg, mm_dtype, prec, state_refs: int):
+  """B3 for one chunk and one V tile: dv = A^T do + (k e^(gamma - G)) D_n, K contracted in tiles.
+
+  refs: D_n's `state_refs` refs (see `load_state`), then dv."""
   d_refs, (dv_ref,) = refs[:state_refs], refs[state_refs:]
   c = cfg.chunk_size
-  k_tiles = _k_tiles(q_ref.shape[-1], cfg.score_block_k)
-  first = first_chunk(group)
-
-  def load(i):
-    rows, state = _rows(i, c), state_loader(d_refs, i, group, per_segment, first)
-    return do_ref[rows, :], [(q_ref[rows, cols], k_ref[rows, cols], g_ref[rows, cols],
-                              g_ref[i * c + c - 1, cols], state(cols)) for cols in k_tiles]
-
-  def step(i, tiles):
-    do, per_tile = tiles
-    a = inter = None
-    for cols, (q, k, g, g_last, d) in zip(k_tiles, per_tile):
-      kf = k.astype(jnp.float32)
-      scores = _scores(q.astype(jnp.float32), kf, g, g_ref, i * c, c, mm_dtype, prec, cfg, cols)
-      k_dec = (kf * _exp(g_last[None, :] - g)).astype(mm_dtype)
-      tile_inter = _mm(k_dec, d.astype(mm_dtype), prec)
-      a, inter = (scores, tile_inter) if a is None else (a + scores, inter + tile_inter)
-    dv = _mm_tn((a * cfg.scale).astype(mm_dtype), do.astype(mm_dtype), prec) + inter
-    dv_ref[_rows(i, c), :] = dv.astype(dv_ref.dtype)
-
-  chunk_loop(group, load, step, cfg.prefetch)
+  a = inter = None
+  for cols in _k_tiles(q_ref.shape[-1], cfg.score_block_k):
+    g, g_last = g_ref[:, cols], g_ref[c - 1, cols]
+    kf = k_ref[:, cols].astype(jnp.float32)
+    scores = _scores(q_ref[:, cols].astype(jnp.float32), kf, g, g_ref, 0, c, mm_dtype, prec, cfg, cols)
+    k_dec = (kf * _exp(g_last[None, :] - g)).astype(mm_dtype)
+    tile_inter = _mm(k_dec, load_state(d_refs, cols).astype(mm_dtype), prec)
+    a, inter = (scores, tile_inter) if a is None else (a + scores, inter + tile_inter)
+  dv = _mm_tn((a * cfg.scale).astype(mm_dtype), do_ref[...].astype(mm_dtype), prec) + inter
+  dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, *refs, cfg, mm_dtype, prec, state_refs: tuple[int, int],
-               group: int = 1, per_segment: int = 1):
-  """B2, B4-B6 for `group` consecutive chunks (`chunk_loop`) and one K tile (grid axis; only dA = do v^T spans
-  K, and it does not depend on the K tile, so each tile recomputes it); the inter-chunk terms are folded in
-  first so few C x K tensors stay alive. refs: h's and D's refs (`state_refs` of each, see `load_state`),
-  then dq, dk, dG."""
+def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, *refs, cfg, mm_dtype, prec, state_refs: tuple[int, int]):
+  """B2, B4-B6 for one chunk and one K tile (grid axis; only dA = do v^T spans K, and it does not depend on
+  the K tile, so each tile recomputes it); the inter-chunk terms are folded in first so few C x K tensors
+  stay alive. refs: h_n's and D_n's refs (`state_refs` of each, see `load_state`), then dq, dk, dG."""
   n_h, n_d = state_refs
   h_refs, d_refs, (dq_ref, dk_ref, dg_ref) = refs[:n_h], refs[n_h:n_h + n_d], refs[n_h + n_d:]
   c, scale = cfg.chunk_size, cfg.scale
   dim_v = v_ref.shape[-1]
   bv = min(cfg.grad_block_v, dim_v)
-  v_tiles = [pl.ds(i * bv, bv) for i in range(dim_v // bv)]
-  first = first_chunk(group)
-
-  def load(i):
-    rows = _rows(i, c)
-    h_state, d_state = (state_loader(r, i, group, per_segment, first) for r in (h_refs, d_refs))
-    per_tile = [(do_ref[rows, t], v_ref[rows, t], h_state(cols=t), d_state(cols=t)) for t in v_tiles]
-    return q_ref[rows, :], k_ref[rows, :], g_ref[rows, :], g_ref[i * c + c - 1, :], per_tile
-
-  def step(i, tiles):
-    q, k, g, g_last, per_tile = tiles
-    d_a = dq = dk = hd = None
-    for do_t, v_t, h_t, d_t in per_tile:
-      do_t, v_t = do_t.astype(mm_dtype), v_t.astype(mm_dtype)
-      terms = (_mm_nt(do_t, v_t, prec), _mm_nt(do_t, h_t.astype(mm_dtype), prec),
-               _mm_nt(v_t, d_t.astype(mm_dtype), prec),
-               jnp.sum(h_t.astype(jnp.float32) * d_t.astype(jnp.float32), axis=1))
-      if d_a is None:
-        d_a, dq, dk, hd = terms
-      else:
-        d_a, dq, dk, hd = (x + y for x, y in zip((d_a, dq, dk, hd), terms))
-    kf = k.astype(jnp.float32)
-    dq = dq * (_exp(g) * scale)                      # s (do h^T) e^G
-    dk = dk * _exp(g_last[None, :] - g)              # dK^inter = (v D^T) e^(gamma - G)
-    delta = _exp(g_last) * hd + jnp.sum(kf * dk, axis=0)
-    r, col = _iota((c, 1), 0), _iota((1, c), 1)
-    d_a = jnp.where(r >= col, d_a * scale, 0.0)
-    qf = q.astype(jnp.float32)
-    dq_intra, dk_intra = diag_block_grads(d_a, qf, kf, g, g_ref, i * c, c, mm_dtype, prec, cfg)
-    dq, dk = dq + dq_intra, dk + dk_intra
-    dg = qf * dq - kf * dk
-    dg = jnp.where(r == c - 1, dg + delta[None, :], dg)
-    rows = _rows(i, c)
-    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-    dg_ref[rows, :] = dg
-
-  chunk_loop(group, load, step, cfg.prefetch)
+  g, g_last = g_ref[...], g_ref[c - 1, :]
+  d_a = dq = dk = hd = None
+  for t in [pl.ds(i * bv, bv) for i in range(dim_v // bv)]:
+    do_t, v_t = do_ref[:, t].astype(mm_dtype), v_ref[:, t].astype(mm_dtype)
+    h_t, d_t = load_state(h_refs, cols=t), load_state(d_refs, cols=t)
+    terms = (_mm_nt(do_t, v_t, prec), _mm_nt(do_t, h_t.astype(mm_dtype), prec),
+             _mm_nt(v_t, d_t.astype(mm_dtype), prec),
+             jnp.sum(h_t.astype(jnp.float32) * d_t.astype(jnp.float32), axis=1))
+    if d_a is None:
+      d_a, dq, dk, hd = terms
+    else:
+      d_a, dq, dk, hd = (x + y for x, y in zip((d_a, dq, dk, hd), terms))
+  kf = k_ref[...].astype(jnp.float32)
+  dq = dq * (_exp(g) * scale)                      # s (do h^T) e^G
+  dk = dk * _exp(g_last[None, :] - g)              # dK^inter = (v D^T) e^(gamma - G)
+  delta = _exp(g_last) * hd + jnp.sum(kf * dk, axis=0)
+  r, col = _iota((c, 1), 0), _iota((1, c), 1)
+  d_a = jnp.where(r >= col, d_a * scale, 0.0)
+  qf = q_ref[...].astype(jnp.float32)
+  dq_intra, dk_intra = diag_block_grads(d_a, qf, kf, g, g_ref, 0, c, mm_dtype, prec, cfg)
+  dq, dk = dq + dq_intra, dk + dk_intra
+  dg = qf * dq - kf * dk
+  dg = jnp.where(r == c - 1, dg + delta[None, :], dg)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dg_ref[...] = dg

@@ -134,21 +134,6 @@ def test_interpret_segmented_state_passes(dtype):
     _check((1, 192, 2, 16, 32), dtype, 16, config, interpret=True, gates=(1e-3, 0.05))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_interpret_several_chunks_per_program(dtype):
-  """`out_chunks` / `grad_chunks`: the output, dv and dq/dk/dG kernels loop over consecutive chunks per
-  program (`gpu_kernels.chunk_loop`, prefetching or not). 12 chunks of 16 in groups of 3 and 4, with plain
-  states and with 4 segments (groups of 4 then straddle segment borders: each chunk picks its segment's
-  entering state), and with K- and V-tiled kernels; mild gates so that states carry across segments."""
-  assert [gpu.chunk_group(s, n) for s, n in ((4, 12), (5, 12), (8, 196), (1, 64), (4, 13))] == [4, 4, 7, 1, 1]
-  configs = [gpu.KernelConfig(fused=False, out_chunks=3, grad_chunks=4),
-             gpu.KernelConfig(fused=False, out_chunks=4, grad_chunks=4, state_segments=4),
-             gpu.KernelConfig(fused=False, out_chunks=2, grad_chunks=3, state_segments=4, prefetch=False,
-                              score_block_k=16, grad_block_k=16, grad_block_v=16, fwd_block_v=16)]
-  for config in configs:
-    _check((1, 192, 2, 32, 32), dtype, 16, config, interpret=True, gates=(1e-3, 0.05))
-
-
 def test_is_supported_and_input_errors():
   assert gpu.is_supported((2, 100, 6, 32), (2, 100, 6, 64), jnp.bfloat16)
   assert gpu.is_supported((2, 100, 6, 128), (2, 100, 6, 128), jnp.bfloat16)
@@ -172,8 +157,6 @@ def test_is_supported_and_input_errors():
     gpu.gla(x, x, x, x, interpret=True, config=gpu.KernelConfig(intra="dense"))
   with pytest.raises(ValueError, match="state_segments"):
     gpu.gla(x, x, x, x, interpret=True, config=gpu.KernelConfig(state_segments=0))
-  with pytest.raises(ValueError, match="grad_chunks"):
-    gpu.gla(x, x, x, x, interpret=True, config=gpu.KernelConfig(grad_chunks=0))
 
 
 def test_default_chunk_and_tuned_tiles():
@@ -214,9 +197,9 @@ def test_kernels_lower_to_triton_for_h100(monkeypatch):
     pytest.skip("private Pallas-Triton gpu_info API changed")
   monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))
   configs = [gpu.KernelConfig(state_segments=4), gpu.KernelConfig(fused=True, prefetch=False),
-             gpu.KernelConfig(), gpu.KernelConfig(state_segments=2, out_chunks=2, grad_chunks=4)]
-  for (dk, dv), dtype, config in zip(((32, 64), (64, 64), (128, 128), (32, 64)),
-                                     (jnp.bfloat16, jnp.float32, jnp.bfloat16, jnp.bfloat16), configs):
+             gpu.KernelConfig()]
+  for (dk, dv), dtype, config in zip(((32, 64), (64, 64), (128, 128)),
+                                     (jnp.bfloat16, jnp.float32, jnp.bfloat16), configs):
     args = [jax.ShapeDtypeStruct((2, 200, 3, d), dtype) for d in (dk, dk, dv)]
     args.append(jax.ShapeDtypeStruct((2, 200, 3, dk), jnp.float32))
     loss = lambda *a: gpu.gla(*a, config=config).astype(jnp.float32).sum()
@@ -287,16 +270,6 @@ def test_gpu_segmented_state_passes(shape, config):
     tuned = gpu.tuned_config(shape[:4], shape[:3] + shape[4:])
     assert tuned.state_block_v == shape[4] and tuned.state_segments > 1
   _check(shape, jnp.bfloat16, None, config, interpret=False, gates=(1e-3, 0.1))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape,variant,dtype", [
-    ((1, 8192, 3, 32, 64), dict(out_chunks=4, grad_chunks=4), jnp.bfloat16),   # 16 segments of 8 chunks
-    ((1, 12544, 2, 32, 64), dict(out_chunks=4, grad_chunks=7), jnp.bfloat16),  # groups straddle segments
-    ((2, 2048, 3, 64, 64), dict(out_chunks=2, grad_chunks=4, prefetch=False), jnp.float32)])
-def test_gpu_several_chunks_per_program(shape, variant, dtype):
-  config = dataclasses.replace(gpu.tuned_config(shape[:4], shape[:3] + shape[4:], dtype=dtype), **variant)
-  _check(shape, dtype, None, config, interpret=False, gates=(1e-3, 0.1))
 
 
 @pytest.mark.gpu
