@@ -63,6 +63,13 @@ def cell(model: str, px: int, precision: str, *, batch: int | None = None, atten
   always through the levels (before session 7: no one-reference-row path); diag="state_s6" / "state_s7": the
   state passes tiled as `gpu.tuned_config` tiled them for few (batch, head) pairs before session 7 / in
   session 7 ((16, 32) K x V tiles, unsegmented / 8 segments), instead of session 8's whole states.
+  Upper bounds of what fusing DiG's own ops could save (diagnostics that change the model, not settings):
+  diag="no_forget_gate": a constant log gate (log(1/2)/16, tied to x without a gradient: a constant gate let
+  XLA's constant folding run past the cell's time limit) instead of the low-rank projections, logsigmoid and
+  their backward; diag="no_output_gate": the GLA output goes to o_proj as it is (no RMSNorm * swish(x Wg); XLA
+  then drops the g projection); diag="lean": both; diag="no_gla_op": the GLA op replaced by v (element-wise
+  ties to q, k and the gate keep their producers alive); "+" joins several (e.g. "lean+no_gla_op"). With the
+  model fields dwconv=off and scan_schedule=causal (no SREM) they leave what DiG shares with DiT.
   """
   is_dig = model.startswith("DiG")
   label = model + ("" if is_dig else f"-{attention}")
@@ -154,6 +161,22 @@ def _build(spec: dict[str, Any]):
     optax.tree.norm = lambda tree, *a, **k: jnp.zeros((), jnp.float32)
   if spec.get("diag") == "no_barrier":  # diagnostic: the log-step norms without train_step's barrier
     jax.lax.optimization_barrier = lambda tree: tree
+  diag_parts = set(spec.get("diag", "").split("+"))
+  if diag_parts & {"no_forget_gate", "no_output_gate", "lean", "no_gla_op"}:  # upper bounds (see `cell`)
+    from dig_jax.models import gla_attention as gla_layer
+    if diag_parts & {"no_forget_gate", "lean"}:
+      def constant_gate(self, x):  # tied to x without a gradient, so XLA neither folds nor differentiates it
+        tie = jax.lax.stop_gradient(x[..., :1]).astype(jnp.float32) * 0.0
+        return jnp.broadcast_to(tie + jnp.log(0.5) / 16, (*x.shape[:-1], self.num_heads * self.head_k_dim))
+      gla_layer.GatedLinearAttention.log_forget_gate = constant_gate
+    if diag_parts & {"no_output_gate", "lean"}:
+      gla_layer.RMSNormSwishGate.__call__ = lambda self, o, g: o
+    if "no_gla_op" in diag_parts:
+      def free_mixer(q, k, v, g, **_):  # v, kept dependent on q, k and g through element-wise math only
+        tie = (q.sum(-1, keepdims=True) + k.sum(-1, keepdims=True)).astype(jnp.float32)
+        tie = tie + g.sum(-1, keepdims=True)
+        return (v.astype(jnp.float32) * (1.0 + 0.0 * tie)).astype(v.dtype)
+      gla_layer.gla = free_mixer
   kernel_overrides = DIAG_KERNEL_OVERRIDES.get(spec.get("diag", ""))
   if kernel_overrides:  # diagnostic: the GPU GLA op with other KernelConfig fields than gpu.tuned_config's
     import dataclasses
