@@ -18,13 +18,6 @@ RMSNorm run in float32 (fla's kernels also normalise in float32); q/k/v go to th
 `gate_dtype="compute"` runs the forget-gate projections in the compute dtype instead (what PyTorch autocast
 does with fla's layer; logsigmoid and /16 stay float32).
 
-`gate_form="combined"` evaluates the forget gate's logits as x (Wdown Wup) + b_up: the two low-rank factors are
-multiplied first (a [D, D/2] matrix per call, in float32 at HIGHEST precision) and the tokens go through ONE
-GEMM of ordinary shape instead of two skinny ones (K = 16 / N = 16), and the backward takes two token GEMMs
-instead of four (the factors' gradients come from the product's by two weight-sized GEMMs). Same parameters and
-the same function (up to rounding); ~8x the gate path's FLOPs at D=384 (~4 % of a block's), far fewer and
-better-shaped kernels. Measured in benchmarks/NOTES.md (session 9).
-
 `fused_proj=True` computes q, k, v and g with ONE matmul: the four kernels, stored separately (checkpoint
 layout unchanged), are concatenated per head at call time into [D, H, 2*Dk/H + 2*Dv/H], so x is read once and
 the backward is one input-gradient and one weight-gradient GEMM instead of four each; a tensor-parallel split
@@ -46,7 +39,6 @@ from dig_jax.models.layers import Dense, rms_normalize
 GLA_INIT_GAIN = 2 ** -2.5
 GATE_LOW_RANK_DIM = 16
 GATE_LOGIT_NORMALIZER = 16
-GATE_FORMS = ("factored", "combined")
 
 
 class RMSNormSwishGate(nnx.Module):
@@ -67,8 +59,7 @@ class GatedLinearAttention(nnx.Module):
 
   def __init__(self, hidden_size: int, num_heads: int, *, rngs: nnx.Rngs, dtype, impl: str = "auto",
                chunk_size: int | None = 64, expand_k: float = 0.5, expand_v: float = 1.0,
-               norm_eps: float = 1e-6, fused_proj: bool = False, gate_dtype: str = "float32",
-               gate_form: str = "factored"):
+               norm_eps: float = 1e-6, fused_proj: bool = False, gate_dtype: str = "float32"):
     key_dim = int(hidden_size * expand_k)
     value_dim = int(hidden_size * expand_v)
     if key_dim % num_heads or value_dim % num_heads:
@@ -84,10 +75,6 @@ class GatedLinearAttention(nnx.Module):
     if gate_dtype not in ("float32", "compute"):
       raise ValueError(f"GLA gate_dtype must be 'float32' or 'compute'; got {gate_dtype!r}")
     gate_compute_dtype = jnp.float32 if gate_dtype == "float32" else dtype
-    if gate_form not in GATE_FORMS:
-      raise ValueError(f"GLA gate_form must be one of {GATE_FORMS}; got {gate_form!r}")
-    self.gate_form = gate_form
-    self.gate_compute_dtype = gate_compute_dtype
 
     def linear(fan_in, fan_out, axes, use_bias=False, compute_dtype=dtype):
       return Dense(fan_in, fan_out, axes=axes, rngs=rngs, use_bias=use_bias, dtype=compute_dtype,
@@ -106,16 +93,7 @@ class GatedLinearAttention(nnx.Module):
 
   def log_forget_gate(self, x: jax.Array) -> jax.Array:
     """gk = logsigmoid(low-rank projection) / 16, float32, [N, T, D/2] (<= 0)."""
-    if self.gate_form == "factored":
-      logits = self.gk_proj_up(self.gk_proj_down(x)).astype(jnp.float32)
-    else:
-      down, up = self.gk_proj_down, self.gk_proj_up
-      if x.shape[-1] != down.in_features:
-        raise ValueError(f"GLA expects {down.in_features} input features; got shape {x.shape}")
-      combined = jnp.dot(down.kernel.get_value(), up.kernel.get_value(), precision=jax.lax.Precision.HIGHEST)
-      dtype = self.gate_compute_dtype
-      logits = jnp.dot(x.astype(dtype), combined.astype(dtype)) + up.bias.get_value().astype(dtype)
-      logits = logits.astype(jnp.float32)
+    logits = self.gk_proj_up(self.gk_proj_down(x)).astype(jnp.float32)
     return jax.nn.log_sigmoid(logits) / GATE_LOGIT_NORMALIZER
 
   def project_qkvg(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:

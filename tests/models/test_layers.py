@@ -84,30 +84,6 @@ def test_gla_fused_projection_equals_separate_ones_in_bfloat16_and_gate_dtype_sw
     GatedLinearAttention(96, 3, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, gate_dtype="half")
 
 
-def test_gla_combined_gate_form_matches_the_factored_one():
-  """gate_form="combined" (x (Wdown Wup) + b, one token GEMM) is the same function of the same parameters as
-  the two low-rank projections: log gate and the gradients of a loss w.r.t. x and both factors and the bias."""
-  x = jax.random.normal(jax.random.key(5), (2, 12, 96), jnp.float32)
-  layers = {form: GatedLinearAttention(96, 3, rngs=nnx.Rngs(0), dtype=jnp.float32, gate_form=form)
-            for form in ("factored", "combined")}
-  layers["factored"].gk_proj_up.bias.set_value(0.5 * jax.random.normal(jax.random.key(6), (48,)))
-  layers["combined"].gk_proj_up.bias.set_value(layers["factored"].gk_proj_up.bias.get_value())
-  w = jax.random.normal(jax.random.key(7), (2, 12, 48))
-
-  def loss(layer, x):
-    return jnp.sum(w * layer.log_forget_gate(x))
-  results = {}
-  for form, layer in layers.items():
-    (value, grads) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(layer, x)
-    results[form] = (value, grads[1], *(grads[0][name].kernel.get_value() for name in
-                                        ("gk_proj_down", "gk_proj_up")), grads[0]["gk_proj_up"].bias.get_value())
-  for name, a, b in zip(("loss", "dx", "dWdown", "dWup", "db"), results["factored"], results["combined"]):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=2e-5, err_msg=name)
-  assert float(jnp.max(jnp.abs(results["factored"][2]))) > 0  # the factors do get gradients
-  with pytest.raises(ValueError, match="gate_form"):
-    GatedLinearAttention(96, 3, rngs=nnx.Rngs(0), dtype=jnp.float32, gate_form="merged")
-
-
 def test_gla_layer_shapes_and_init():
   layer = GatedLinearAttention(384, 6, rngs=nnx.Rngs(0), dtype=jnp.float32)
   assert (layer.head_k_dim, layer.head_v_dim) == (32, 64)
