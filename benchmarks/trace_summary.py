@@ -130,8 +130,9 @@ def main(cells: list[dict[str, Any]], args: Any) -> None:
   import os
 
   from benchmarks import model_sweep
+  from benchmarks.bench_common import card_slug
   env = model_sweep.environment()
-  card = model_sweep.card_slug(env["device_kind"])
+  card = card_slug(env["device_kind"])
   os.makedirs(args.out_dir, exist_ok=True)
   path = os.path.join(args.out_dir, f"profile_{card}{args.tag}.txt")
   text = [f"{env}\nXLA_FLAGS={os.environ.get('XLA_FLAGS', '')}\n"]

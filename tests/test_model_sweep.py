@@ -19,3 +19,22 @@ def test_summarize_repeats_groups_runs_and_ignores_failed_ones():
   summary = {s["label"]: s for s in model_sweep.summarize_repeats(results)}
   assert summary["DiG-S/2"] == dict(base, runs=3, median=2500.0, min=1900.0, max=2600.0)
   assert summary["DiT-S/2-cudnn"]["runs"] == 0 and "median" not in summary["DiT-S/2-cudnn"]
+
+
+def test_profile_mode_writes_one_summary_per_cell(tmp_path, monkeypatch):
+  """`--profile` (trace_summary.main) with the worker replaced: one section per cell, failures reported."""
+  import argparse
+
+  from benchmarks import trace_summary
+  profile = dict(total_ms=1.5, by_category_ms={"gla_op": 1.0, "other": 0.5}, kernels_per_step_by_category={},
+                 threads={"gpu": 1.5}, top_ops=[("fusion.1", 0.25, 3, "jit(train_step)/add")], top_other_ops=[])
+  outcomes = iter([dict(status="ok", train_step_s=0.01, profile=profile), dict(status="error", error="boom")])
+  monkeypatch.setattr(model_sweep, "launch", lambda spec, mode, args, timeout: next(outcomes))
+  monkeypatch.setattr(model_sweep, "environment", lambda: dict(device_kind="NVIDIA H100 80GB HBM3"))
+  args = argparse.Namespace(out_dir=str(tmp_path), tag="_t", jobs=0, cell_timeout_s=10)
+  trace_summary.main(model_sweep.extra_cells("DiG-S/2:256:bf16,DiT-S/2:256:bf16"), args)
+  (written,) = tmp_path.glob("profile_*_t.txt")
+  text = written.read_text()
+  assert "== DiG-S/2 256px B32 bf16 (step 10.00 ms wall): GPU kernel time 1.500 ms / step" in text
+  assert "by category: gla_op 1.000, other 0.500" in text and "fusion.1" in text
+  assert "== DiT-S/2-xla 256px B32 bf16: error boom" in text
