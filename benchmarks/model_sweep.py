@@ -146,6 +146,36 @@ def _is_oom(error: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
+MODEL_DIAGNOSTICS = ("no_forget_gate", "no_output_gate", "lean", "no_gla_op")
+
+
+def apply_model_diagnostics(diag: str, set_attr=setattr) -> None:
+  """Patches the GLA layer for the upper-bound diagnostics of `cell` ("+"-joined names of MODEL_DIAGNOSTICS).
+
+  A worker process runs one cell, so the patches (class and module attributes) live as long as it; tests pass
+  `monkeypatch.setattr` as `set_attr`."""
+  parts = set(diag.split("+"))
+  if not parts & set(MODEL_DIAGNOSTICS):
+    return
+  import jax
+  import jax.numpy as jnp
+
+  from dig_jax.models import gla_attention as gla_layer
+  if parts & {"no_forget_gate", "lean"}:
+    def constant_gate(self, x):  # tied to x without a gradient, so XLA neither folds nor differentiates it
+      tie = jax.lax.stop_gradient(x[..., :1]).astype(jnp.float32) * 0.0
+      return jnp.broadcast_to(tie + jnp.log(0.5) / 16, (*x.shape[:-1], self.num_heads * self.head_k_dim))
+    set_attr(gla_layer.GatedLinearAttention, "log_forget_gate", constant_gate)
+  if parts & {"no_output_gate", "lean"}:
+    set_attr(gla_layer.RMSNormSwishGate, "__call__", lambda self, o, g: o)
+  if "no_gla_op" in parts:
+    def free_mixer(q, k, v, g, **_):  # v, kept dependent on q, k and g through element-wise math only
+      tie = (q.sum(-1, keepdims=True) + k.sum(-1, keepdims=True)).astype(jnp.float32)
+      tie = tie + g.sum(-1, keepdims=True)
+      return (v.astype(jnp.float32) * (1.0 + 0.0 * tie)).astype(v.dtype)
+    set_attr(gla_layer, "gla", free_mixer)
+
+
 def _build(spec: dict[str, Any]):
   """(step_fn, fwd_fn, state, batch, rng, graphdef) for a cell; arrays created on the default device."""
   import functools
@@ -161,22 +191,7 @@ def _build(spec: dict[str, Any]):
     optax.tree.norm = lambda tree, *a, **k: jnp.zeros((), jnp.float32)
   if spec.get("diag") == "no_barrier":  # diagnostic: the log-step norms without train_step's barrier
     jax.lax.optimization_barrier = lambda tree: tree
-  diag_parts = set(spec.get("diag", "").split("+"))
-  if diag_parts & {"no_forget_gate", "no_output_gate", "lean", "no_gla_op"}:  # upper bounds (see `cell`)
-    from dig_jax.models import gla_attention as gla_layer
-    if diag_parts & {"no_forget_gate", "lean"}:
-      def constant_gate(self, x):  # tied to x without a gradient, so XLA neither folds nor differentiates it
-        tie = jax.lax.stop_gradient(x[..., :1]).astype(jnp.float32) * 0.0
-        return jnp.broadcast_to(tie + jnp.log(0.5) / 16, (*x.shape[:-1], self.num_heads * self.head_k_dim))
-      gla_layer.GatedLinearAttention.log_forget_gate = constant_gate
-    if diag_parts & {"no_output_gate", "lean"}:
-      gla_layer.RMSNormSwishGate.__call__ = lambda self, o, g: o
-    if "no_gla_op" in diag_parts:
-      def free_mixer(q, k, v, g, **_):  # v, kept dependent on q, k and g through element-wise math only
-        tie = (q.sum(-1, keepdims=True) + k.sum(-1, keepdims=True)).astype(jnp.float32)
-        tie = tie + g.sum(-1, keepdims=True)
-        return (v.astype(jnp.float32) * (1.0 + 0.0 * tie)).astype(v.dtype)
-      gla_layer.gla = free_mixer
+  apply_model_diagnostics(spec.get("diag", ""))
   kernel_overrides = DIAG_KERNEL_OVERRIDES.get(spec.get("diag", ""))
   if kernel_overrides:  # diagnostic: the GPU GLA op with other KernelConfig fields than gpu.tuned_config's
     import dataclasses

@@ -1,4 +1,5 @@
-"""The resolution-sweep script's pure parts (benchmarks/model_sweep.py): cell specs and the repeat summary."""
+"""The resolution-sweep script's pure parts (benchmarks/model_sweep.py): cell specs, the repeat summary, the
+`--profile` report (worker replaced) and the model diagnostics' patches."""
 from benchmarks import model_sweep
 
 
@@ -27,7 +28,8 @@ def test_profile_mode_writes_one_summary_per_cell(tmp_path, monkeypatch):
 
   from benchmarks import trace_summary
   profile = dict(total_ms=1.5, by_category_ms={"gla_op": 1.0, "other": 0.5}, kernels_per_step_by_category={},
-                 threads={"gpu": 1.5}, top_ops=[("fusion.1", 0.25, 3, "jit(train_step)/add")], top_other_ops=[])
+                 threads={"gpu": 1.5}, top_ops=[("fusion.1", 0.25, 3, "jit(train_step)/add")],
+                 top_other_ops=[])
   outcomes = iter([dict(status="ok", train_step_s=0.01, profile=profile), dict(status="error", error="boom")])
   monkeypatch.setattr(model_sweep, "launch", lambda spec, mode, args, timeout: next(outcomes))
   monkeypatch.setattr(model_sweep, "environment", lambda: dict(device_kind="NVIDIA H100 80GB HBM3"))
@@ -38,3 +40,25 @@ def test_profile_mode_writes_one_summary_per_cell(tmp_path, monkeypatch):
   assert "== DiG-S/2 256px B32 bf16 (step 10.00 ms wall): GPU kernel time 1.500 ms / step" in text
   assert "by category: gla_op 1.000, other 0.500" in text and "fusion.1" in text
   assert "== DiT-S/2-xla 256px B32 bf16: error boom" in text
+
+
+def test_model_diagnostics_patch_the_gla_layer_as_documented(monkeypatch):
+  """The upper-bound diagnostics: a constant log gate without a gradient, no output norm-gate, the op -> v."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from dig_jax.models import gla_attention as gla_layer
+  op = gla_layer.gla
+  model_sweep.apply_model_diagnostics("nonorm", monkeypatch.setattr)  # not a model diagnostic: no patch
+  assert gla_layer.gla is op
+  model_sweep.apply_model_diagnostics("lean+no_gla_op", monkeypatch.setattr)
+  layer = gla_layer.GatedLinearAttention(64, 2, rngs=nnx.Rngs(0), dtype=jnp.float32)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 64))
+  gate = layer.log_forget_gate(x)
+  assert gate.shape == (2, 8, 32) and bool(jnp.all(gate == jnp.log(0.5) / 16))
+  assert not bool(jnp.any(jax.grad(lambda x: layer.log_forget_gate(x).sum())(x)))
+  o = jnp.ones((2, 8, 2, 32))
+  assert layer.g_norm_swish_gate(o, 5 * o) is o
+  want = layer.o_proj(layer.v_proj(x))  # the op passes v through, nothing gates it
+  assert float(jnp.max(jnp.abs(layer(x) - want))) < 1e-5
