@@ -71,6 +71,7 @@ def cell(model: str, px: int, precision: str, *, batch: int | None = None, atten
   ties to q, k and the gate keep their producers alive); "+" joins several (e.g. "lean+no_gla_op"). With the
   model fields dwconv=off and scan_schedule=causal (no SREM) they leave what DiG shares with DiT.
   """
+  _check_diag(diag)
   is_dig = model.startswith("DiG")
   label = model + ("" if is_dig else f"-{attention}")
   if is_dig and gla != "auto":
@@ -80,6 +81,16 @@ def cell(model: str, px: int, precision: str, *, batch: int | None = None, atten
       label += f"[{text}]"
   return dict(label=label, model=model, px=px, batch=batch or BATCH[px], precision=precision,
               attention=None if is_dig else attention, gla=gla if is_dig else None, remat=remat, diag=diag)
+
+
+def _check_diag(diag: str) -> None:
+  """One clear error for an unknown diag (a typo would otherwise time the unchanged model under its label)."""
+  parts = diag.split("+")
+  single = (*STEP_DIAGNOSTICS, *DIAG_KERNEL_OVERRIDES)
+  if not diag or (len(parts) == 1 and diag in single) or all(p in MODEL_DIAGNOSTICS for p in parts):
+    return
+  raise ValueError(f"unknown diag {diag!r}: use one of {', '.join(single)}, or one or more of "
+                   f"{', '.join(MODEL_DIAGNOSTICS)} joined with '+'")
 
 
 def sweep_cells(quick: bool) -> list[dict[str, Any]]:
@@ -106,7 +117,10 @@ def _suffix(tag: str) -> str:
   return tag if not tag or tag.startswith("_") else "_" + tag
 
 
-# diag names that change the GPU GLA op's KernelConfig (see `cell`).
+# diag names (see `cell`): ones that change the training step, ones that change the GPU GLA op's KernelConfig,
+# and the model diagnostics (upper bounds; only these may be joined with "+").
+STEP_DIAGNOSTICS = ("nonorm", "norms_every_step", "flat_optim", "no_barrier")
+MODEL_DIAGNOSTICS = ("no_forget_gate", "no_output_gate", "lean", "no_gla_op")
 DIAG_KERNEL_OVERRIDES = {"gate_cumsum_scan": dict(gate_cumsum="scan"), "intra_levels": dict(intra="levels"),
                          "state_s6": dict(state_block_k=16, state_block_v=32, state_segments=1),
                          "state_s7": dict(state_block_k=16, state_block_v=32, state_segments=8)}
@@ -144,9 +158,6 @@ def extra_cells(spec: str) -> list[dict[str, Any]]:
 def _is_oom(error: BaseException) -> bool:
   text = str(error)
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-
-
-MODEL_DIAGNOSTICS = ("no_forget_gate", "no_output_gate", "lean", "no_gla_op")
 
 
 def apply_model_diagnostics(diag: str, set_attr=setattr) -> None:

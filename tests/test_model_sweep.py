@@ -1,5 +1,7 @@
 """The resolution-sweep script's pure parts (benchmarks/model_sweep.py): cell specs, the repeat summary, the
 `--profile` report (worker replaced) and the model diagnostics' patches."""
+import pytest
+
 from benchmarks import model_sweep
 
 
@@ -62,3 +64,11 @@ def test_model_diagnostics_patch_the_gla_layer_as_documented(monkeypatch):
   assert layer.g_norm_swish_gate(o, 5 * o) is o
   want = layer.o_proj(layer.v_proj(x))  # the op passes v through, nothing gates it
   assert float(jnp.max(jnp.abs(layer(x) - want))) < 1e-5
+
+
+def test_unknown_diag_names_fail_with_one_clear_error():
+  for ok in ("nonorm", "state_s7", "lean+no_gla_op", "no_forget_gate"):
+    assert model_sweep.extra_cells(f"DiG-S/2:256:bf16:diag={ok}")[0]["diag"] == ok
+  for bad in ("no_forget_gat", "nonorm+lean", "lean+"):
+    with pytest.raises(ValueError, match="unknown diag"):
+      model_sweep.extra_cells(f"DiG-S/2:256:bf16:diag={bad}")
