@@ -177,10 +177,15 @@ def apply_model_diagnostics(diag: str, set_attr=setattr) -> None:
       tie = jax.lax.stop_gradient(x[..., :1]).astype(jnp.float32) * 0.0
       return jnp.broadcast_to(tie + jnp.log(0.5) / 16, (*x.shape[:-1], self.num_heads * self.head_k_dim))
     set_attr(gla_layer.GatedLinearAttention, "log_forget_gate", constant_gate)
+    set_attr(gla_layer.GatedLinearAttention, "low_rank_gate",  # the fused-gate path: hand the op the same
+             lambda self, x: constant_gate(self, x).reshape(*x.shape[:-1], self.num_heads, self.head_k_dim))
   if parts & {"no_output_gate", "lean"}:
     set_attr(gla_layer.RMSNormSwishGate, "__call__", lambda self, o, g: o)
   if "no_gla_op" in parts:
+    from pallas_kernels.gla.gate import LowRankGate, low_rank_log_gate
+
     def free_mixer(q, k, v, g, **_):  # v, kept dependent on q, k and g through element-wise math only
+      g = low_rank_log_gate(g, q.shape[2]) if isinstance(g, LowRankGate) else g
       tie = (q.sum(-1, keepdims=True) + k.sum(-1, keepdims=True)).astype(jnp.float32)
       tie = tie + g.sum(-1, keepdims=True)
       return (v.astype(jnp.float32) * (1.0 + 0.0 * tie)).astype(v.dtype)

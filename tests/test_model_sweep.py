@@ -60,6 +60,9 @@ def test_model_diagnostics_patch_the_gla_layer_as_documented(monkeypatch):
   gate = layer.log_forget_gate(x)
   assert gate.shape == (2, 8, 32) and bool(jnp.all(gate == jnp.log(0.5) / 16))
   assert not bool(jnp.any(jax.grad(lambda x: layer.log_forget_gate(x).sum())(x)))
+  # The fused-gate path (the default) hands the op the same constant gate instead of a LowRankGate.
+  assert layer.fused_gate
+  assert bool(jnp.all(layer.low_rank_gate(x) == gate.reshape(2, 8, 2, 16)))
   o = jnp.ones((2, 8, 2, 32))
   assert layer.g_norm_swish_gate(o, 5 * o) is o
   want = layer.o_proj(layer.v_proj(x))  # the op passes v through, nothing gates it

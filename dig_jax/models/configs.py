@@ -66,6 +66,7 @@ def default_fields() -> dict[str, Any]:
       gla_chunk_size=64,
       gla_fused_proj=False,
       gla_gate_dtype="float32",
+      gla_fused_gate=True,
       attention_impl="auto",
       scan_schedule="crisscross",
       dwconv="identity",
@@ -158,7 +159,7 @@ def resolve_model_config(config: ml_collections.ConfigDict | Mapping[str, Any]) 
   out_channels = fields["in_channels"] * (2 if fields["learn_sigma"] else 1)
   if not 0 <= fields["cfg_channels"] <= out_channels:
     raise ValueError(f"cfg_channels must be in [0, {out_channels}]; got {fields['cfg_channels']}")
-  for key in ("gla_fused_proj", "stack_blocks"):
+  for key in ("gla_fused_proj", "gla_fused_gate", "stack_blocks"):
     if not isinstance(fields[key], bool):
       raise ValueError(f"{key} must be True or False; got {fields[key]!r}")
   if not isinstance(fields["scan_unroll"], int) or isinstance(fields["scan_unroll"], bool) or (

@@ -52,7 +52,7 @@ class DiGBlock(nnx.Module):
     self.norm1 = make_norm(cfg.norm, d, rngs=rngs)
     self.attn = GatedLinearAttention(d, cfg.num_heads, rngs=rngs, dtype=dtype, impl=cfg.gla_impl,
                                      chunk_size=cfg.gla_chunk_size, fused_proj=cfg.gla_fused_proj,
-                                     gate_dtype=cfg.gla_gate_dtype)
+                                     gate_dtype=cfg.gla_gate_dtype, fused_gate=cfg.gla_fused_gate)
     self.norm2 = make_norm(cfg.norm, d, rngs=rngs)
     self.mlp = SwiGLU(d, cfg.mlp_ratio, rngs=rngs, dtype=dtype)
     self.dw_conv = (None if cfg.dwconv == "off"

@@ -24,6 +24,16 @@ the backward is one input-gradient and one weight-gradient GEMM instead of four 
 over heads stays local. Each output column is the same dot product. Off by default: on an H100 (DiG-S/2,
 256 px, B=32, bf16, cells compiled one at a time) it measured 2455 img/s against 2567 separate, and the
 projections' GPU time was the same (~1.0 ms/step); `gate_dtype="compute"` measured 2483 (benchmarks/NOTES.md).
+
+`fused_gate=True` (the default) hands the forget gate to the GLA op unformed
+(`pallas_kernels.gla.gate.LowRankGate`: x and the gate's three parameters): on the GPU kernel path z = x Wdown
+stays one XLA GEMM and the up-projection, log-sigmoid / 16 and chunk-local cumsum are one Pallas kernel,
+their gradients two (`pallas_kernels/gla/gpu_gate.py`), instead of ~11 XLA kernels plus the op's cumsum
+passes; every other GLA implementation evaluates the same formula in XLA (`gate.low_rank_log_gate`, the same
+arithmetic as the layers here), so the parameters, their paths and the results off the GPU kernel path do not
+change. On an H100 (DiG-S/2, bf16; benchmarks/NOTES.md, session 10) it trained 3-4 % faster with 7 % less
+memory at 1792 px; at 256 px the training gain (~1-2 %) is inside the run spread, the sampling forward 7-11 %
+faster, memory -6 %. In profiles the gate's kernels sit in the `gla_op` scope.
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.gla import gla
+from pallas_kernels.gla.gate import LowRankGate
 
 from dig_jax.models import partitioning as pt
 from dig_jax.models.layers import Dense, rms_normalize
@@ -59,7 +70,8 @@ class GatedLinearAttention(nnx.Module):
 
   def __init__(self, hidden_size: int, num_heads: int, *, rngs: nnx.Rngs, dtype, impl: str = "auto",
                chunk_size: int | None = 64, expand_k: float = 0.5, expand_v: float = 1.0,
-               norm_eps: float = 1e-6, fused_proj: bool = False, gate_dtype: str = "float32"):
+               norm_eps: float = 1e-6, fused_proj: bool = False, gate_dtype: str = "float32",
+               fused_gate: bool = True):
     key_dim = int(hidden_size * expand_k)
     value_dim = int(hidden_size * expand_v)
     if key_dim % num_heads or value_dim % num_heads:
@@ -72,6 +84,7 @@ class GatedLinearAttention(nnx.Module):
     self.chunk_size = chunk_size
     self.dtype = dtype
     self.fused_proj = fused_proj
+    self.fused_gate = fused_gate
     if gate_dtype not in ("float32", "compute"):
       raise ValueError(f"GLA gate_dtype must be 'float32' or 'compute'; got {gate_dtype!r}")
     gate_compute_dtype = jnp.float32 if gate_dtype == "float32" else dtype
@@ -95,6 +108,12 @@ class GatedLinearAttention(nnx.Module):
     """gk = logsigmoid(low-rank projection) / 16, float32, [N, T, D/2] (<= 0)."""
     logits = self.gk_proj_up(self.gk_proj_down(x)).astype(jnp.float32)
     return jax.nn.log_sigmoid(logits) / GATE_LOGIT_NORMALIZER
+
+  def low_rank_gate(self, x: jax.Array) -> LowRankGate:
+    """The unformed forget gate for `gla` (fused_gate=True); its `low_rank_log_gate` is log_forget_gate(x)."""
+    up = self.gk_proj_up
+    return LowRankGate(x, self.gk_proj_down.kernel.get_value(), up.kernel.get_value(), up.bias.get_value(),
+                       normalizer=GATE_LOGIT_NORMALIZER, matmul_dtype=jnp.dtype(up.dtype).name)
 
   def project_qkvg(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """q, k [N, T, H, Dk/H] and v, g [N, T, H, Dv/H] in the compute dtype."""
@@ -120,7 +139,10 @@ class GatedLinearAttention(nnx.Module):
     with jax.named_scope("gla_proj"):
       q, k, v, g = self.project_qkvg(x)
     with jax.named_scope("gla_gate"):
-      log_gate = self.log_forget_gate(x).reshape(n, t, h, self.head_k_dim)
+      if self.fused_gate:
+        log_gate = self.low_rank_gate(x)
+      else:
+        log_gate = self.log_forget_gate(x).reshape(n, t, h, self.head_k_dim)
     with jax.named_scope("gla_op"):
       o = gla(q, k, v, log_gate, impl=self.impl, chunk_size=self.chunk_size)
     with jax.named_scope("gla_out"):

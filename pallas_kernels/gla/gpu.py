@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.gla import gpu_kernels, reference
+from pallas_kernels.gla import gpu_gate, gpu_kernels, reference
+from pallas_kernels.gla.gate import LowRankGate
 from pallas_kernels.gla.gpu_kernels import INTRA_MODES, KernelConfig
 
 Array = jax.Array
@@ -382,6 +383,26 @@ def _vjp_bwd(cfg, residuals, do):
 gla_chunked_g.defvjp(_vjp_fwd, _vjp_bwd)
 
 
+def _prepare(q, k, v, chunk_size, scale, interpret, config):
+  """Checks, the kernels' dtype, the chunk and the final KernelConfig; q, k, v padded to whole chunks."""
+  dtype = jnp.promote_types(q.dtype, jnp.promote_types(k.dtype, v.dtype))  # what the kernels run on
+  if not is_supported(q.shape, v.shape, dtype):
+    raise ValueError(f"pallas_gpu GLA supports bf16/fp32 with head dims powers of two in [{MIN_DIM}, "
+                     f"{MAX_DIM}]; got q{q.shape} v{v.shape}, q {q.dtype}, "
+                     f"k {k.dtype}, v {v.dtype}. Use impl='chunked' (impl='auto' does so by itself).")
+  q, k, v = (x.astype(dtype) for x in (q, k, v))
+  c = default_chunk_size(q.shape[1]) if chunk_size is None else chunk_size
+  if not (_is_pow2(c) and 16 <= c <= 128):
+    raise ValueError(f"pallas_gpu chunk_size must be a power of two in [16, 128]; got {c}")
+  if config is None:
+    config = dataclasses.replace(tuned_config(q.shape, v.shape, c, dtype),
+                                 fp32_dots=fp32_dots_from_context())
+  _check_config(config)
+  cfg = dataclasses.replace(config, chunk_size=c, interpret=interpret,
+                            scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
+  return tuple(reference.pad_to_chunks(x, c) for x in (q, k, v)), cfg
+
+
 def gla(q: Array, k: Array, v: Array, log_gate: Array, *, chunk_size: int | None = None,
         scale: float | None = None, interpret: bool = False, config: KernelConfig | None = None) -> Array:
   """Causal GLA over [batch, tokens, heads, dim] tensors (see `reference.recurrent_gla`); differentiable.
@@ -393,24 +414,34 @@ def gla(q: Array, k: Array, v: Array, log_gate: Array, *, chunk_size: int | None
   own `fp32_dots`).
   """
   reference._check_shapes(q, k, v, log_gate, None)
-  dtype = jnp.promote_types(q.dtype, jnp.promote_types(k.dtype, v.dtype))  # what the kernels run on
-  if not is_supported(q.shape, v.shape, dtype):
-    raise ValueError(f"pallas_gpu GLA supports bf16/fp32 with head dims powers of two in [{MIN_DIM}, "
-                     f"{MAX_DIM}]; got q{q.shape} v{v.shape}, q {q.dtype}, "
-                     f"k {k.dtype}, v {v.dtype}. Use impl='chunked' (impl='auto' does so by itself).")
-  out_dtype = v.dtype
-  q, k, v = (x.astype(dtype) for x in (q, k, v))
-  tokens = q.shape[1]
-  c = default_chunk_size(tokens) if chunk_size is None else chunk_size
-  if not (_is_pow2(c) and 16 <= c <= 128):
-    raise ValueError(f"pallas_gpu chunk_size must be a power of two in [16, 128]; got {c}")
-  if config is None:
-    config = dataclasses.replace(tuned_config(q.shape, v.shape, c, dtype),
-                                 fp32_dots=fp32_dots_from_context())
-  _check_config(config)
-  cfg = dataclasses.replace(config, chunk_size=c, interpret=interpret,
-                            scale=float(q.shape[-1] ** -0.5 if scale is None else scale))
-  qp, kp, vp = (reference.pad_to_chunks(x, c) for x in (q, k, v))
+  (qp, kp, vp), cfg = _prepare(q, k, v, chunk_size, scale, interpret, config)
+  c = cfg.chunk_size
   g = reference.chunk_local_cumsum(reference.pad_to_chunks(log_gate, c), c, cfg.gate_cumsum)
-  o = gla_chunked_g(qp, kp, vp, g, cfg)
-  return o[:, :tokens].astype(out_dtype)
+  return gla_chunked_g(qp, kp, vp, g, cfg)[:, :q.shape[1]].astype(v.dtype)
+
+
+def low_rank_gate_supported(gate: LowRankGate, q_shape: tuple[int, ...], chunk_size: int | None) -> bool:
+  """Whether `gla_low_rank_gate` runs the gate kernels for this shape (else ops evaluates the gate in XLA)."""
+  chunk = default_chunk_size(q_shape[1]) if chunk_size is None else chunk_size
+  return gpu_gate.is_supported(gate, q_shape, chunk)
+
+
+def gla_low_rank_gate(q: Array, k: Array, v: Array, gate: LowRankGate, *, chunk_size: int | None = None,
+                      scale: float | None = None, interpret: bool = False,
+                      config: KernelConfig | None = None) -> Array:
+  """`gla` with fla's low-rank forget gate (`gate.LowRankGate`) formed by `gpu_gate`'s kernels.
+
+  The gate's projections, log-sigmoid and chunk-local cumsum run in one Pallas kernel (and their gradients in
+  one more) instead of XLA's gate ops and the op's own cumsum and transpose passes; the GLA kernels are the
+  same (`gla_chunked_g`). Same arguments and result as `gla`.
+  """
+  gate.check(q.shape)
+  (qp, kp, vp), cfg = _prepare(q, k, v, chunk_size, scale, interpret, config)
+  if not gpu_gate.is_supported(gate, q.shape, cfg.chunk_size):
+    raise ValueError(f"pallas_gpu low-rank gate kernels need a rank and head dim that are powers of two "
+                     f">= 16 and D a multiple of 16; got w_down{gate.w_down.shape} q{q.shape}")
+  spec = gpu_gate.gate_spec(gate, q.shape, cfg.chunk_size, interpret)
+  x = reference.pad_to_chunks(gate.x, cfg.chunk_size)
+  g = gpu_gate.cumulative_low_rank_gate(x, gate.w_down, gate.w_up, gate.b_up, spec)
+  g = g.reshape(*g.shape[:2], q.shape[2], q.shape[3])
+  return gla_chunked_g(qp, kp, vp, g, cfg)[:, :q.shape[1]].astype(v.dtype)

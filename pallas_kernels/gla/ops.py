@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
 from pallas_kernels.gla import reference
+from pallas_kernels.gla.gate import LowRankGate, low_rank_log_gate
 
 Array = jax.Array
 
@@ -141,11 +142,23 @@ def kernel_partition(q: Array) -> tuple[object, P] | None:
   return mesh, P(batch_axes or None, None, head_axes or None, None)
 
 
+def _gate_specs(spec: P, gate: LowRankGate) -> LowRankGate:
+  """shard_map specs of a LowRankGate's arrays from q's [batch, tokens, heads, dim] spec.
+
+  x follows q's batch split; W_up's columns and b_up are heads-leading ((h d) layout), so a head split of q
+  is a contiguous column split of them; W_down is whole on every device (its gradient is summed by the
+  shard_map's transpose)."""
+  return LowRankGate(x=P(spec[0], None, None), w_down=P(), w_up=P(None, spec[2]), b_up=P(spec[2]),
+                     normalizer=gate.normalizer, matmul_dtype=gate.matmul_dtype)
+
+
 def _call_kernel(module: ModuleType, q, k, v, log_gate, *, chunk_size, scale, interpret):
   kwargs = dict(chunk_size=chunk_size, scale=scale)
-  if interpret is not None and "interpret" in inspect.signature(module.gla).parameters:
+  fused_gate = isinstance(log_gate, LowRankGate)
+  entry = module.gla_low_rank_gate if fused_gate else module.gla
+  if interpret is not None and "interpret" in inspect.signature(entry).parameters:
     kwargs["interpret"] = interpret
-  kernel = lambda q, k, v, g: module.gla(q, k, v, g, **kwargs)
+  kernel = lambda q, k, v, g: entry(q, k, v, g, **kwargs)
   partition = kernel_partition(q)
   if partition is None:
     return kernel(q, k, v, log_gate)
@@ -153,26 +166,36 @@ def _call_kernel(module: ModuleType, q, k, v, log_gate, *, chunk_size, scale, in
   # Inside a partly manual mesh only our axes become manual; otherwise all of them (the others unmentioned).
   manual = any(t == AxisType.Manual for t in mesh.axis_types)
   axis_names = frozenset(_spec_axes(spec[0]) + _spec_axes(spec[2])) if manual else frozenset()
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, axis_names=axis_names,
-                       check_vma=False)(q, k, v, log_gate)
+  gate_spec = _gate_specs(spec, log_gate) if fused_gate else spec
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, gate_spec), out_specs=spec,
+                       axis_names=axis_names, check_vma=False)(q, k, v, log_gate)
 
 
-def gla(q: Array, k: Array, v: Array, log_gate: Array, *, impl: str | GlaImpl = GlaImpl.AUTO,
+def gla(q: Array, k: Array, v: Array, log_gate: Array | LowRankGate, *, impl: str | GlaImpl = GlaImpl.AUTO,
         chunk_size: int | None = None, scale: float | None = None, interpret: bool | None = None) -> Array:
   """Gated linear attention, causal over the token axis. Returns o with v's shape and dtype.
 
-  `interpret=True` runs a Pallas kernel's bodies through the Pallas interpreter (CPU tests of
-  `impl="pallas_gpu"` or `"pallas_tpu"`); None leaves each kernel module's default.
+  `log_gate` is the [batch, tokens, heads, K] log forget gate, or a `gate.LowRankGate` (fla's low-rank gate
+  logsigmoid(x W_down W_up + b) / normalizer, still to be formed): a kernel module with a
+  `gla_low_rank_gate` entry that supports the shape forms it in its own kernels; everywhere else it is
+  evaluated by `gate.low_rank_log_gate` first. `interpret=True` runs a Pallas kernel's bodies through the
+  Pallas interpreter (CPU tests of `impl="pallas_gpu"` or `"pallas_tpu"`); None leaves each kernel module's
+  default.
   """
   # The kernels run on q, k, v promoted to one dtype; decide on that dtype (bf16 q with fp32 v runs in fp32).
   dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
   concrete = resolve_impl(impl, q.shape, v.shape, dtype)
+  module, error = _load_kernel(concrete) if concrete in _KERNELS else (None, None)
+  if isinstance(log_gate, LowRankGate):
+    log_gate.check(q.shape)
+    fused = module is not None and getattr(module, "low_rank_gate_supported", None) is not None
+    if not (fused and module.low_rank_gate_supported(log_gate, q.shape, chunk_size)):
+      log_gate = low_rank_log_gate(log_gate, q.shape[2])
   if concrete == GlaImpl.RECURRENT:
     return reference.recurrent_gla(q, k, v, log_gate, scale=scale)
   if concrete == GlaImpl.CHUNKED:
     return reference.chunked_gla(q, k, v, log_gate, scale=scale,
                                  chunk_size=chunk_size or reference.DEFAULT_CHUNK_SIZE)
-  module, error = _load_kernel(concrete)
   if module is None:
     raise ValueError(f"GLA impl {concrete.value!r} is not available here: {error}")
   if not module.is_supported(q.shape, v.shape, dtype):

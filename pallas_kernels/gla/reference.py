@@ -84,7 +84,7 @@ def pad_to_chunks(x: Array, chunk_size: int) -> Array:
   pad = (-x.shape[1]) % chunk_size
   if pad == 0:
     return x
-  return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
 
 
 CUMSUM_METHODS = ("scan", "matmul")

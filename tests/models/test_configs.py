@@ -51,6 +51,7 @@ def test_size_table_and_head_counts():
     dict(name="DiG-S/2", scan_schedule="zigzag"), dict(name="DiG-S/2", input_size=33),
     dict(name="DiG-S/2", dwconv="zero"), dict(name="DiG-S/2", num_heads=5),
     dict(name="DiT-S/2", dtype="float16"), dict(name="DiG-S/2", cfg_channels=9),
+    dict(name="DiG-S/2", gla_fused_gate="yes"),
 ])
 def test_bad_configs_are_rejected(bad):
   bad = dict(bad)

@@ -12,6 +12,7 @@ from dig_jax.models.dig import DiGBlock
 from dig_jax.models.dit import Attention, DiTBlock
 from dig_jax.models.gla_attention import GatedLinearAttention
 from dig_jax.models.layers import FinalLayer, SwiGLU, swiglu_inner_size
+from pallas_kernels.gla.gate import low_rank_log_gate
 from tests.models.test_support import build, inputs, randomize_zero_params, tiny_config
 
 
@@ -200,3 +201,28 @@ def test_dit_block_and_final_layer_modulation_order():
   expected = (layer_norm(xn) * (1 + scale) + shift) @ np_value(final.linear.kernel)
   expected += np_value(final.linear.bias)
   np.testing.assert_allclose(np.asarray(final(x, c)), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gate_dtype", ["float32", "compute"])
+def test_gla_fused_gate_is_the_same_layer_off_the_gpu_kernel(gate_dtype):
+  """fused_gate=True hands the gate to the op unformed; off the GPU kernels (here: chunked) the op evaluates
+  the same formula, so outputs and every parameter gradient equal the unfused layer's; the log gate it
+  describes is log_forget_gate's."""
+  x = jax.random.normal(jax.random.key(5), (2, 20, 96), jnp.float32)
+  layers = {f: GatedLinearAttention(96, 3, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, fused_gate=f,
+                                    gate_dtype=gate_dtype) for f in (True, False)}
+  layers[True].gk_proj_up.bias.set_value(jnp.linspace(-2.0, 2.0, 48))
+  layers[False].gk_proj_up.bias.set_value(jnp.linspace(-2.0, 2.0, 48))
+  gate = layers[True].low_rank_gate(x)
+  assert gate.normalizer == 16 and gate.matmul_dtype == ("float32" if gate_dtype == "float32" else "bfloat16")
+  np.testing.assert_array_equal(np.asarray(low_rank_log_gate(gate, 3)),
+                                np.asarray(layers[False].log_forget_gate(x).reshape(2, 20, 3, 16)))
+
+  def loss(layer, x):
+    return jnp.sum(layer(x).astype(jnp.float32) ** 2)
+
+  (fused_loss, fused_grads), (loss_ref, grads_ref) = (
+      nnx.jit(nnx.value_and_grad(loss))(layers[f], x) for f in (True, False))
+  assert float(fused_loss) == float(loss_ref)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(fused_grads), nnx.to_flat_state(grads_ref)):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))

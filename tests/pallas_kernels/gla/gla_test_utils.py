@@ -1,7 +1,8 @@
-"""Shared helpers for the GLA tests: random inputs with log-uniform gates and a float64 oracle."""
+"""Shared helpers for the GLA tests: random inputs with log-uniform gates, a float64 oracle, an H100 target."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def fresh_rng() -> tuple[np.random.Generator, int]:
@@ -37,3 +38,11 @@ def rel_err(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   assert np.all(np.isfinite(a)), "non-finite values"
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def target_h100_for_triton_lowering(monkeypatch) -> None:
+  """Makes Pallas-Triton lower for an H100 without a GPU (private gpu_info API; skips the test if it moved)."""
+  gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+  if not hasattr(gpu_info, "_get_gpu_info_impl") or not hasattr(gpu_info, "GpuVersion"):
+    pytest.skip("private Pallas-Triton gpu_info API changed")
+  monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))

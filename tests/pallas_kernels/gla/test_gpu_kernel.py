@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.gla import gpu, gpu_kernels, reference
-from tests.pallas_kernels.gla.gla_test_utils import fresh_rng, random_inputs, rel_err
+from tests.pallas_kernels.gla.gla_test_utils import (fresh_rng, random_inputs, rel_err,
+                                                      target_h100_for_triton_lowering)
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
 
@@ -192,10 +193,7 @@ def test_default_chunk_and_tuned_tiles():
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 def test_kernels_lower_to_triton_for_h100(monkeypatch):
   """Lowers forward and backward to Triton IR for an H100 (no GPU needed): catches unsupported Triton ops."""
-  gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
-  if not hasattr(gpu_info, "_get_gpu_info_impl") or not hasattr(gpu_info, "GpuVersion"):
-    pytest.skip("private Pallas-Triton gpu_info API changed")
-  monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))
+  target_h100_for_triton_lowering(monkeypatch)
   configs = [gpu.KernelConfig(state_segments=4), gpu.KernelConfig(fused=True, prefetch=False),
              gpu.KernelConfig()]
   for (dk, dv), dtype, config in zip(((32, 64), (64, 64), (128, 128)),
@@ -224,10 +222,7 @@ def test_fp32_dots_follow_the_callers_matmul_precision(monkeypatch):
   with pytest.raises(ValueError, match="fp32_dots"):
     gpu.gla(x32, x32, x32, x32, interpret=True, config=gpu.KernelConfig(fp32_dots="tf16"))
   # The choice reaches the Triton kernels: the lowered fp32 program differs under the context (bf16: same).
-  gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
-  if not hasattr(gpu_info, "_get_gpu_info_impl") or not hasattr(gpu_info, "GpuVersion"):
-    pytest.skip("private Pallas-Triton gpu_info API changed")
-  monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))
+  target_h100_for_triton_lowering(monkeypatch)
 
   def lowered(dtype, context):
     shape = (1, 64, 2, 16)

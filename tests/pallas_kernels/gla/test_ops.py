@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from pallas_kernels.gla import GlaImpl, gpu, gla, ops, resolve_impl
+from pallas_kernels.gla import GlaImpl, LowRankGate, gpu, gla, ops, resolve_impl
 from tests.pallas_kernels.gla.gla_test_utils import fresh_rng, numpy_gla, random_inputs, rel_err
 
 Q_SHAPE, V_SHAPE = (2, 256, 6, 32), (2, 256, 6, 64)
@@ -144,3 +144,29 @@ def test_kernel_inside_partly_manual_shard_map_shards_the_free_head_axis():
   with jax.set_mesh(_mesh(AxisType.Auto)):
     assert ops.kernel_partition(jnp.zeros((4, 16, 2, 16)))[1] == P(("data",), None, ("tensor",), None)
   _check_kernel_inside_user_shard_map(axis_names={"data"})
+
+
+def test_sharded_fused_gate_equals_unsharded_values_and_gradients():
+  """A LowRankGate through the shard_map: x split with the batch, W_up / b_up by head columns, W_down whole
+  (its gradient summed over the shards by the transpose); values and all seven gradients as unsharded."""
+  rng, seed = fresh_rng()
+  q, k, v, _ = random_inputs(rng, 4, 24, 2, 16, 16)
+  gate_arrays = [rng.standard_normal(s).astype("float32") * f
+                 for s, f in (((4, 24, 32), 1.0), ((32, 16), 0.3), ((16, 32), 1.0), ((32,), 2.0))]
+
+  def loss(q, k, v, x, w_down, w_up, b_up):
+    o = gla(q, k, v, LowRankGate(x, w_down, w_up, b_up), impl="pallas_gpu", chunk_size=16, interpret=True)
+    return jnp.sum(o ** 2)
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7))))
+  want = grad_fn(q, k, v, *gate_arrays)
+  mesh = _mesh(AxisType.Auto)
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  args = [put(x, P("data", None, "tensor", None)) for x in (q, k, v)] + [
+      put(gate_arrays[0], P("data")), put(gate_arrays[1], P()), put(gate_arrays[2], P(None, "tensor")),
+      put(gate_arrays[3], P("tensor"))]
+  with jax.set_mesh(mesh):
+    got = grad_fn(*args)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5, err_msg=str(seed))
+  for i, (a, b) in enumerate(zip(got[1], want[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=f"{i} {seed}")
