@@ -2,9 +2,11 @@
 
 Math and notation: `shared/reference/gla_kernels.md` §1.5 (equations F1-F3, B1-B7). Per (batch, head) the
 tokens are split into chunks of C; G is the chunk-local inclusive cumsum of the log gate (fp32). XLA owns the
-cumsum and its transpose (the reverse cumsum), so the kernels take G and return dG (B6); no kernel needs a
-cumsum. From 4096 tokens up XLA forms it as a batched fp32 GEMM with a triangular ones matrix
-(`KernelConfig.gate_cumsum`, measured in NOTES.md session 6).
+cumsum and its transpose (the reverse cumsum), so the GLA kernels take G and return dG (B6); none of them
+needs a cumsum. From 4096 tokens up XLA forms it as a batched fp32 GEMM with a triangular ones matrix
+(`KernelConfig.gate_cumsum`, measured in NOTES.md session 6). `gla_low_rank_gate` takes DiG's low-rank gate
+unformed instead (`gate.LowRankGate`): `gpu_gate.py`'s kernels then form G, cumsum included, and take its
+gradient; the GLA kernels are the same.
 
 This module builds the `pl.pallas_call`s (grids, BlockSpecs, `pallas.triton.CompilerParams`), picks the tiling
 per shape (`tuned_config`), attaches the backward with `jax.custom_vjp` and exposes `gla`. The kernel bodies,

@@ -11,6 +11,9 @@ channel, scale K**-0.5 applied inside, float32 state.
   `pallas_kernels/gla/NOTES.md` for the numbers);
 - otherwise `reference.chunked_gla`, which runs everywhere and is differentiated by XLA.
 
+A `gate.LowRankGate` in place of the log gate (fla's low-rank gate, unformed) is formed by the kernel module's
+`gla_low_rank_gate` where the module has one and supports the shape, else evaluated in XLA first.
+
 A kernel module that fails to import (e.g. a backend missing from this jaxlib) is skipped by `auto` and
 reported with its import error when asked for by name.
 
