@@ -22,7 +22,8 @@ then load their executables from it, one cell at a time. Results are written aft
 (``<out_dir>/model_sweep_<card>.json``), so a sweep cut short still leaves its finished cells.
 Parallel pre-compilation can skew a cell: XLA autotunes GEMMs while compiling, and one cell of a session-3 run
 came out 1.35x slower than when compiled alone (benchmarks/NOTES.md); for close comparisons use ``--jobs=0``
-(each cell compiled alone, just before it runs), and ``--repeats=N`` to run every cell N times, round-robin,
+(each cell compiled alone, just before it runs), and ``--repeats=N`` to run every cell N times, in rounds
+whose order reverses every other round (`run_order`: cells drift within a command),
 each time compiled afresh without the persistent cache, so the spread covers compilation as well as run-time
 noise (a median and min-max per cell are printed).
 ``--profile`` instead traces training steps of the ``--extra`` cells and writes per-op GPU time
@@ -427,6 +428,15 @@ def fmt_cell(r: dict[str, Any]) -> str:
   return f"{r['status'].upper():>26s}"
 
 
+def run_order(cells: list[dict[str, Any]], repeats: int) -> list[tuple[int, dict[str, Any]]]:
+  """(repeat, cell) in run order: rounds of all cells, every other round reversed (A B, B A, A B, ...).
+
+  The same cell drifts within a command (session 10, H100, 256 px: 3194 -> 3284 -> 3408 img/s over three
+  rounds), so a fixed order credits whichever cell runs later; reversing alternate rounds balances that
+  for a pair over an even number of rounds and nearly so over an odd one."""
+  return [(i, c) for i in range(repeats) for c in (cells if i % 2 == 0 else cells[::-1])]
+
+
 def summarize_repeats(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """Per cell (label, px, batch, precision) of a `--repeats` run: training images/s median, min, max, runs."""
   groups: dict[tuple, list[float]] = {}
@@ -529,7 +539,7 @@ def main() -> None:
     with open(out_path, "w", encoding="utf-8") as f:
       json.dump(dict(environment=env, card=card, batch_sizes=BATCH, results=results, **extra), f, indent=1)
 
-  for repeat, c in [(i, c) for i in range(args.repeats) for c in cells]:
+  for repeat, c in run_order(cells, args.repeats):
     if c["attention"] == "cudnn" and c["precision"] == "fp32":
       if repeat == 0:
         results.append(dict(c, status="n/a", error="cuDNN flash attention needs bf16/fp16"))

@@ -75,3 +75,10 @@ def test_unknown_diag_names_fail_with_one_clear_error():
   for bad in ("no_forget_gat", "nonorm+lean", "lean+"):
     with pytest.raises(ValueError, match="unknown diag"):
       model_sweep.extra_cells(f"DiG-S/2:256:bf16:diag={bad}")
+
+
+def test_repeats_alternate_the_order_of_the_cells():
+  a, b, c = (dict(label=n) for n in "abc")
+  order = [(r, cell["label"]) for r, cell in model_sweep.run_order([a, b, c], 3)]
+  assert order == [(0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
+  assert model_sweep.run_order([a], 1) == [(0, a)]
