@@ -47,10 +47,16 @@ def _gate(a: dict) -> LowRankGate:
   return LowRankGate(a["x"], a["w_down"], a["w_up"], a["b_up"])
 
 
-PATHS = {
-    "xla_gate": lambda a: gpu.gla(a["q"], a["k"], a["v"], low_rank_log_gate(_gate(a), a["q"].shape[2])),
-    "fused_gate": lambda a: gpu.gla_low_rank_gate(a["q"], a["k"], a["v"], _gate(a)),
-}
+def paths(interpret: bool = False) -> dict:
+  """The two compared paths (`interpret=True`: both through the Pallas interpreter, for CPU tests)."""
+  return {
+      "xla_gate": lambda a: gpu.gla(a["q"], a["k"], a["v"], low_rank_log_gate(_gate(a), a["q"].shape[2]),
+                                    interpret=interpret),
+      "fused_gate": lambda a: gpu.gla_low_rank_gate(a["q"], a["k"], a["v"], _gate(a), interpret=interpret),
+  }
+
+
+PATHS = paths()
 
 
 def bench_shape(shape: tuple[int, ...]) -> dict:

@@ -3,16 +3,10 @@ import json
 import sys
 
 from benchmarks import gla_gate
-from pallas_kernels.gla import gpu
-from pallas_kernels.gla.gate import low_rank_log_gate
 
 
 def test_gla_gate_benchmark_writes_table_and_json(monkeypatch, tmp_path, capsys):
-  gate = gla_gate._gate
-  monkeypatch.setattr(gla_gate, "PATHS", {
-      "xla_gate": lambda a: gpu.gla(a["q"], a["k"], a["v"], low_rank_log_gate(gate(a), a["q"].shape[2]),
-                                    interpret=True),
-      "fused_gate": lambda a: gpu.gla_low_rank_gate(a["q"], a["k"], a["v"], gate(a), interpret=True)})
+  monkeypatch.setattr(gla_gate, "PATHS", gla_gate.paths(interpret=True))
   calls = []
   monkeypatch.setattr(gla_gate, "time_calls", lambda fn, sets, sync: calls.append(sync(fn(*sets[0]))) or 1e-3)
   monkeypatch.setattr(sys, "argv", ["gla_gate", "--out", str(tmp_path), "--shapes", "1,40,2,16,32,32,16",

@@ -439,7 +439,7 @@ def gla_low_rank_gate(q: Array, k: Array, v: Array, gate: LowRankGate, *, chunk_
   """
   gate.check(q.shape)
   (qp, kp, vp), cfg = _prepare(q, k, v, chunk_size, scale, interpret, config)
-  if not gpu_gate.is_supported(gate, q.shape, cfg.chunk_size):
+  if not low_rank_gate_supported(gate, q.shape, cfg.chunk_size):
     raise ValueError(f"pallas_gpu low-rank gate kernels need a rank and head dim that are powers of two "
                      f">= 16 and D a multiple of 16; got w_down{gate.w_down.shape} q{q.shape}")
   spec = gpu_gate.gate_spec(gate, q.shape, cfg.chunk_size, interpret)
