@@ -17,6 +17,11 @@ many chunks both state passes run as parallel segments from zero states; `_join_
 state each segment receives from the ones before (after) it (`KernelConfig.state_segments`, session 7), and
 the kernels that read the states add it as they load them (`SegmentedStates`, session 8).
 
+A forward without a gradient (sampling, evaluation) of a supported shape (bf16, chunk 64, K 32/64, V 64) from
+MOSAIC_FORWARD_MIN_TOKENS tokens runs `gpu_mosaic`'s Mosaic GPU kernels instead
+(`KernelConfig.forward_backend`; session 11: that forward 1.4x faster at B8 T12544); the VJP's forward saves
+the Triton states for the backward.
+
 `interpret=True` runs the same kernel bodies through Pallas' interpreter (CPU tests); Triton's rules
 (power-of-two blocks, dot dims >= 16) still shape the code even where the interpreter would not enforce them.
 """
@@ -31,9 +36,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.gla import gpu_gate, gpu_kernels, reference
+from pallas_kernels.gla import gpu_gate, gpu_kernels, gpu_mosaic, reference
 from pallas_kernels.gla.gate import LowRankGate
-from pallas_kernels.gla.gpu_kernels import INTRA_MODES, KernelConfig
+from pallas_kernels.gla.gpu_kernels import FORWARD_BACKENDS, INTRA_MODES, KernelConfig
 
 Array = jax.Array
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
@@ -44,6 +49,10 @@ GEMM_CUMSUM_MIN_TOKENS = 4096  # tuned_config: the gate cumsum as a GEMM from th
 # whole K x V state per program and run in enough segments for about STATE_TARGET_PROGRAMS programs.
 WHOLE_STATE_MIN_CHUNKS = 128
 STATE_TARGET_PROGRAMS = 192
+# tuned_config: a forward without a gradient runs the Mosaic GPU kernels (`gpu_mosaic`) from this many tokens
+# up where they support the shape (session 11, H100: 1.1-1.4x faster at 4096-50176 tokens; mixed at 1024-2048,
+# slower at 256).
+MOSAIC_FORWARD_MIN_TOKENS = 4096
 
 
 def _is_pow2(n: int) -> bool:
@@ -101,7 +110,8 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
   96 programs, segments gained nothing, and at 4 chunks they cost 15 %). From WHOLE_STATE_MIN_CHUNKS chunks
   with head dims <= 64 each state-pass program takes the whole K x V state (k and G are then read once, not
   once per V tile) and the passes run in up to 16 segments, as many as bring the programs to about
-  STATE_TARGET_PROGRAMS (session 8, H100, NOTES.md).
+  STATE_TARGET_PROGRAMS (session 8, H100, NOTES.md). Forwards without a gradient take the Mosaic GPU kernels
+  where `gpu_mosaic.supported` and from MOSAIC_FORWARD_MIN_TOKENS tokens (session 11).
   """
   b, tokens, heads, dim_k = q_shape
   chunk = chunk or default_chunk_size(tokens)
@@ -116,9 +126,12 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
   else:
     state = dict(state_block_k=16 if few_programs else 32, state_block_v=32,
                  state_segments=8 if few_programs and num_chunks >= 64 else 1)
+  padded = (b, num_chunks * chunk, heads, dim_k)    # what the kernels see (`_prepare` pads to whole chunks)
+  mosaic = tokens >= MOSAIC_FORWARD_MIN_TOKENS and gpu_mosaic.supported(padded, v_shape, dtype, chunk)
   return KernelConfig(chunk_size=chunk, fused=fused, **state, score_block_k=32 if fp32_wide else dim_k,
                       grad_block_k=32 if dim_k >= 64 else dim_k,
-                      gate_cumsum="matmul" if tokens >= GEMM_CUMSUM_MIN_TOKENS else "scan")
+                      gate_cumsum="matmul" if tokens >= GEMM_CUMSUM_MIN_TOKENS else "scan",
+                      forward_backend="mosaic" if mosaic else "triton")
 
 
 def _check_config(config: KernelConfig) -> None:
@@ -127,6 +140,9 @@ def _check_config(config: KernelConfig) -> None:
   if config.gate_cumsum not in reference.CUMSUM_METHODS:
     raise ValueError(f"KernelConfig.gate_cumsum must be one of {reference.CUMSUM_METHODS}; "
                      f"got {config.gate_cumsum!r}")
+  if config.forward_backend not in FORWARD_BACKENDS:
+    raise ValueError(f"KernelConfig.forward_backend must be one of {FORWARD_BACKENDS}; "
+                     f"got {config.forward_backend!r}")
   if config.state_segments < 1:
     raise ValueError(f"KernelConfig.state_segments must be >= 1; got {config.state_segments!r}")
   if config.intra not in INTRA_MODES:
@@ -355,7 +371,23 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
   return dq, dk, dv, dg
 
 
+def mosaic_segments(batch_heads: int, num_chunks: int) -> int:
+  """Segments of `gpu_mosaic.state_pass`: the largest divisor of the chunk count <= min(16, the number that
+  brings the (batch x head) programs to about STATE_TARGET_PROGRAMS) (session 11, H100, NOTES.md)."""
+  target = min(16, -(-STATE_TARGET_PROGRAMS // batch_heads))
+  return max(d for d in range(1, target + 1) if num_chunks % d == 0)
+
+
+def uses_mosaic_forward(q: Array, v: Array, cfg: KernelConfig) -> bool:
+  """Whether a forward without a gradient runs `gpu_mosaic` (compiled, not interpreted; supported shape)."""
+  return (cfg.forward_backend == "mosaic" and not cfg.interpret
+          and gpu_mosaic.supported(q.shape, v.shape, jnp.promote_types(q.dtype, v.dtype), cfg.chunk_size))
+
+
 def _forward(q, k, v, g, cfg: KernelConfig, save_states: bool):
+  if not save_states and uses_mosaic_forward(q, v, cfg):
+    segments = mosaic_segments(q.shape[0] * q.shape[2], q.shape[1] // cfg.chunk_size)
+    return gpu_mosaic.forward(q, k, v, g, scale=cfg.scale, segments=segments), None
   if cfg.fused:
     return _fused_forward(q, k, v, g, cfg, save_states)
   return _two_pass_forward(q, k, v, g, cfg)

@@ -56,6 +56,7 @@ from jax.experimental import pallas as pl
 Array = jax.Array
 LOG2E = math.log2(math.e)
 INTRA_MODES = ("adaptive", "levels")
+FORWARD_BACKENDS = ("triton", "mosaic")
 # The one-reference-row path is taken where every |G[r, k] - G[m, k]| of a chunk (and K tile) is <= this:
 # its factors then lie in [e^-30, e^30] (no fp32 overflow or subnormal for any O(1e3) input, and the masked
 # upper-triangle products stay below e^60); as fp32 / TF32 dot operands each keeps a 24 / 11 bit mantissa.
@@ -89,6 +90,9 @@ class KernelConfig:
   intra: str = "adaptive"     # intra-chunk scores: "adaptive" (one reference row where the chunk's decay
                               # span allows, else levels; see SPAN_LIMIT) or "levels" (always the levels;
                               # grad_version=1's one gradient kernel always uses them)
+  forward_backend: str = "triton"  # the forward when no gradient is taken: "mosaic" runs `gpu_mosaic`'s
+                                   # Mosaic GPU kernels where they support the shape (bf16, chunk 64, K 32/64,
+                                   # V 64), else these kernels; the VJP's forward is always these kernels
   interpret: bool = False
 
 

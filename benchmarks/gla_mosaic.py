@@ -1,0 +1,177 @@
+"""The GLA forward on the GPU: Pallas-Triton kernels (`gpu_kernels`) against the Mosaic GPU kernels
+(`pallas_kernels/gla/gpu_mosaic.py`), on the same inputs, in one run.
+
+Run on the GPU machine: ``python -m benchmarks.gla_mosaic [--shapes "8,12544,6,32,64;..."] [--out DIR]
+[--segments "1,2,4"] [--no_fallback]``.
+
+For each shape (bf16, DiG's gates log-sigmoid(2 N(0, 1)) / 16), with G the chunk-local cumsum (XLA):
+- ``state``: the state pass alone, Triton (`gpu._states`, tuned tiles and segments) vs Mosaic (same segments);
+- ``out``: the output pass alone, on the same [K, V] states (Triton's, joined when segmented);
+- ``fwd``: state pass + output pass from G, Triton as the op runs it vs Mosaic with the tuned segment count
+  and each of ``--segments`` (``--no_fallback``: also Mosaic without the in-kernel level scheme, to measure
+  what that costs; wrong for strong gates);
+- ``op``: the op's forward from the raw log gate (XLA's cumsum included), `gpu.gla` with the Triton forward
+  vs the cumsum + Mosaic forward with its best segment count, against issue #4's floor (512 B per
+  token-head at 32/64 over the copy bandwidth measured in the same run);
+median of back-to-back calls after warm-up (`bench_common.time_calls`, three rotating input sets), and each
+output's relative error against the fp32 reference (`reference.chunked_gla` on the same bf16-rounded inputs,
+HIGHEST precision). Prints a table and writes ``gla_mosaic_<card>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.bench_common import (card_slug, copy_bandwidth, env_info, jax_sync, log, make_inputs,
+                                     rel_err, time_calls)
+from pallas_kernels.gla import gpu, gpu_mosaic, reference
+
+DEFAULT_SHAPES = ((8, 12544, 6, 32, 64), (2, 12544, 6, 32, 64), (8, 4096, 6, 32, 64), (32, 256, 6, 32, 64),
+                  (8, 12544, 6, 64, 64))
+CHUNK = gpu_mosaic.CHUNK
+NO_FALLBACK = False   # --no_fallback: also the Mosaic forward without the level scheme (to measure its cost)
+
+
+def _config(q, v) -> gpu.KernelConfig:
+  cfg = gpu.tuned_config(q.shape, v.shape, CHUNK, q.dtype)
+  return dataclasses.replace(cfg, chunk_size=CHUNK, scale=float(q.shape[-1] ** -0.5))
+
+
+def _states(k, v, g, cfg):
+  hs = gpu._states(k, v, g, cfg)
+  return hs.materialize() if isinstance(hs, gpu.SegmentedStates) else hs
+
+
+def output_passes(cfg: gpu.KernelConfig) -> dict:
+  """name -> f(q, k, v, g, hs) -> o: the two output passes on the same operands ([K, V] bf16 states)."""
+  return {"triton": lambda q, k, v, g, hs: gpu._outputs(q, k, v, g, hs, cfg),
+          "mosaic": lambda q, k, v, g, hs: gpu_mosaic.out_pass(q, k, v, g, hs, scale=cfg.scale)}
+
+
+def forwards(cfg: gpu.KernelConfig, num_chunks: int, extra_segments: tuple[int, ...]) -> dict:
+  """name -> f(q, k, v, g) -> o: the whole forward from G (state pass + output pass), Triton as the op runs
+  it (tuned tiles, segments joined inside the output kernel) and Mosaic with the same segment count (and
+  with each of `extra_segments` that divides the chunk count)."""
+  tuned = gpu.state_segments(cfg, num_chunks)
+  out = {"triton": lambda q, k, v, g: gpu._two_pass_forward(q, k, v, g, cfg)[0]}
+  for s in dict.fromkeys((tuned,) + tuple(extra_segments)):
+    if num_chunks % s == 0:
+      out[f"mosaic_s{s}"] = lambda q, k, v, g, s=s: gpu_mosaic.forward(q, k, v, g, scale=cfg.scale,
+                                                                          segments=s)
+  if NO_FALLBACK:
+    out[f"nofallback_s{tuned}"] = lambda q, k, v, g: gpu_mosaic.forward(
+        q, k, v, g, scale=cfg.scale, segments=tuned, levels_fallback=False)
+  return out
+
+
+def out_pass_bytes(b, t, h, dk, dv) -> int:
+  """Bytes the output pass must move: q, k, v, o (bf16), G (fp32), one bf16 K x V state per chunk."""
+  return b * t * h * (2 * dk + 2 * dk + 2 * dv + 2 * dv + 4 * dk) + b * (t // CHUNK) * h * dk * dv * 2
+
+
+def op_floor_bytes(b, t, h, dk, dv) -> int:
+  """Issue #4's forward floor: q, k, v, o (bf16) and the cumulative gate (fp32) once each."""
+  return b * t * h * (2 * (2 * dk + 2 * dv) + 4 * dk)
+
+
+def bench_shape(shape: tuple[int, ...], bandwidth: float, extra_segments: tuple[int, ...]) -> dict:
+  b, t, h, dk, dv = shape
+  sets = []
+  for seed in range(3):
+    q, k, v, log_gate, _ = make_inputs(jax.random.key(seed), b, t, h, dk, dv, jnp.bfloat16)
+    g = reference.chunk_local_cumsum(log_gate, CHUNK)
+    sets.append((q, k, v, g, log_gate))
+  cfg = _config(sets[0][0], sets[0][2])
+  states = jax.jit(lambda q, k, v, g: _states(k, v, g, cfg))
+  row: dict = dict(shape=dict(zip(("B", "T", "H", "K", "V"), shape)), ms={}, errors={},
+                   out_floor_ms=1e3 * out_pass_bytes(*shape) / bandwidth,
+                   op_floor_ms=1e3 * op_floor_bytes(*shape) / bandwidth,
+                   segments=gpu.state_segments(cfg, t // CHUNK))
+  q, k, v, g, log_gate = sets[0]
+  ref = jax.jit(lambda *a: reference.chunked_gla(*a, chunk_size=CHUNK, precision=jax.lax.Precision.HIGHEST))(
+      *(x.astype(jnp.float32) for x in (q, k, v)), log_gate)
+  hs_sets = [states(*s[:4]) for s in sets]
+  err = lambda o: rel_err(o.astype(jnp.float32), ref)
+  segs = gpu.state_segments(cfg, t // CHUNK)
+  state_passes = {"triton": lambda q, k, v, g: gpu._states(k, v, g, cfg),
+                  "mosaic": lambda q, k, v, g: gpu_mosaic.state_pass(k, v, g, segs)}
+  for name, fn in state_passes.items():
+    row["ms"][f"state_{name}"] = 1e3 * time_calls(jax.jit(fn), [s[:4] for s in sets], jax_sync)
+  for name, out in output_passes(cfg).items():
+    out_j = jax.jit(out)
+    row["ms"][f"out_{name}"] = 1e3 * time_calls(out_j, [s[:4] + (hs,) for s, hs in zip(sets, hs_sets)],
+                                                 jax_sync)
+    row["errors"][f"out_{name}"] = err(out_j(*sets[0][:4], hs_sets[0]))
+  for name, fwd in forwards(cfg, t // CHUNK, extra_segments).items():
+    fwd_j = jax.jit(fwd)
+    row["ms"][f"fwd_{name}"] = 1e3 * time_calls(fwd_j, [s[:4] for s in sets], jax_sync)
+    row["errors"][f"fwd_{name}"] = err(fwd_j(*sets[0][:4]))
+  # The op's forward from the raw log gate (XLA's chunk cumsum included), as `gla_kernel.py` times `gpu.gla`.
+  best = min((n for n in row["ms"] if n.startswith("fwd_mosaic")), key=row["ms"].get)  # with the fallback
+  seg = int(best.split("_s")[-1])
+  triton_cfg = dataclasses.replace(gpu.tuned_config(q.shape, v.shape, CHUNK, q.dtype),
+                                   forward_backend="triton")
+  ops = {"triton": jax.jit(lambda q, k, v, lg: gpu.gla(q, k, v, lg, chunk_size=CHUNK, config=triton_cfg)),
+         "mosaic": jax.jit(lambda q, k, v, lg: gpu_mosaic.forward(
+             q, k, v, reference.chunk_local_cumsum(lg, CHUNK, cfg.gate_cumsum), scale=cfg.scale,
+             segments=seg))}
+  for name, op in ops.items():
+    row["ms"][f"op_{name}"] = 1e3 * time_calls(op, [s[:3] + (s[4],) for s in sets], jax_sync)
+    row["errors"][f"op_{name}"] = err(op(q, k, v, log_gate))
+  row["op_mosaic_segments"] = seg
+  log(json.dumps(row))
+  return row
+
+
+def print_table(rows: list[dict]) -> None:
+  print(f"{'B, T, H, K/V':18s} | {'out: floor':>10s} {'triton':>7s} {'mosaic':>7s} | {'fwd: triton':>11s} "
+        f"{'mosaic (segments)':>28s} | {'op: floor':>9s} {'triton':>7s} {'mosaic':>7s} {'x floor':>13s} | "
+        "max err")
+  for r in rows:
+    s, ms = r["shape"], r["ms"]
+    name = f"{s['B']}, {s['T']}, {s['H']}, {s['K']}/{s['V']}"
+    mos = " ".join(f"{ms[n]:.3f}({n.split('_s')[-1]})" for n in ms if n.startswith("fwd_mosaic"))
+    print(f"{name:18s} | {r['out_floor_ms']:10.3f} {ms['out_triton']:7.3f} {ms['out_mosaic']:7.3f} | "
+          f"{ms['fwd_triton']:11.3f} {mos:>28s} | {r['op_floor_ms']:9.3f} {ms['op_triton']:7.3f} "
+          f"{ms['op_mosaic']:7.3f} {ms['op_triton'] / r['op_floor_ms']:5.1f}/"
+          f"{ms['op_mosaic'] / r['op_floor_ms']:4.1f}x"
+          f"   | {max(r['errors'].values()):.1e}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  default_out = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
+  parser.add_argument("--out", default=default_out)
+  parser.add_argument("--shapes", default="", help='"B,T,H,K,V;..." (bf16; K 32/64, V 64)')
+  parser.add_argument("--tag", default="", help="suffix of the output file name")
+  parser.add_argument("--no_fallback", action="store_true", help="also the Mosaic forward without levels")
+  parser.add_argument("--segments", default="1,2,4,8,16", help="extra segment counts for the Mosaic forward")
+  args = parser.parse_args()
+  shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s] or DEFAULT_SHAPES
+  global NO_FALLBACK
+  NO_FALLBACK = args.no_fallback
+  result = dict(env=env_info(), copy_bandwidth=copy_bandwidth(), timings=[])
+  log(f"copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s")
+  path = os.path.join(args.out, f"gla_mosaic_{card_slug(result['env']['device'])}"
+                                f"{'_' + args.tag if args.tag else ''}.json")
+  os.makedirs(args.out, exist_ok=True)
+  for shape in shapes:
+    try:
+      extra = tuple(int(x) for x in args.segments.split(",") if x)
+      result["timings"].append(bench_shape(shape, result["copy_bandwidth"], extra))
+    except Exception as e:  # noqa: BLE001 - one shape failing must not lose the others
+      log(f"shape {shape} failed: {type(e).__name__}: {str(e)[:2000]}")
+      result.setdefault("failures", []).append(dict(shape=shape, error=f"{type(e).__name__}: {e}"[:4000]))
+    with open(path, "w") as fh:
+      json.dump(result, fh, indent=1)
+  print_table(result["timings"])
+  log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
