@@ -10,10 +10,9 @@ For each shape (bf16, DiG's gates log-sigmoid(2 N(0, 1)) / 16), with G the chunk
 - ``fwd``: state pass + output pass from G, Triton as the op runs it vs Mosaic with the tuned segment count
   and each of ``--segments`` (``--no_fallback``: also Mosaic without the in-kernel level scheme, to measure
   what that costs; wrong for strong gates);
-- ``op``: the op's forward from the raw log gate, `gpu.gla` with the Triton forward (XLA's cumsum, then the
-  kernels) vs the Mosaic forward with its best segment count, which forms the cumsum in its kernels
-  (``op_mosaic``, what `gpu.gla` runs) or after XLA's (``op_mosaic_xla_cumsum``), against issue #4's floor
-  (512 B per token-head at 32/64 over the copy bandwidth measured in the same run);
+- ``op``: the op's forward from the raw log gate (XLA's cumsum included), `gpu.gla` with the Triton forward
+  vs the cumsum + Mosaic forward with its best segment count, against issue #4's floor (512 B per
+  token-head at 32/64 over the copy bandwidth measured in the same run);
 median of back-to-back calls after warm-up (`bench_common.time_calls`, three rotating input sets), and each
 output's relative error against the fp32 reference (`reference.chunked_gla` on the same bf16-rounded inputs,
 HIGHEST precision). Prints a table and writes ``gla_mosaic_<card>.json``.
@@ -118,11 +117,9 @@ def bench_shape(shape: tuple[int, ...], bandwidth: float, extra_segments: tuple[
   triton_cfg = dataclasses.replace(gpu.tuned_config(q.shape, v.shape, CHUNK, q.dtype),
                                    forward_backend="triton")
   ops = {"triton": jax.jit(lambda q, k, v, lg: gpu.gla(q, k, v, lg, chunk_size=CHUNK, config=triton_cfg)),
-         "mosaic_xla_cumsum": jax.jit(lambda q, k, v, lg: gpu_mosaic.forward(
+         "mosaic": jax.jit(lambda q, k, v, lg: gpu_mosaic.forward(
              q, k, v, reference.chunk_local_cumsum(lg, CHUNK, cfg.gate_cumsum), scale=cfg.scale,
-             segments=seg)),
-         "mosaic": jax.jit(lambda q, k, v, lg: gpu_mosaic.forward(q, k, v, lg, scale=cfg.scale, segments=seg,
-                                                                  raw_gate=True))}
+             segments=seg))}
   for name, op in ops.items():
     row["ms"][f"op_{name}"] = 1e3 * time_calls(op, [s[:3] + (s[4],) for s in sets], jax_sync)
     row["errors"][f"op_{name}"] = err(op(q, k, v, log_gate))

@@ -384,14 +384,10 @@ def uses_mosaic_forward(q: Array, v: Array, cfg: KernelConfig) -> bool:
           and gpu_mosaic.supported(q.shape, v.shape, jnp.promote_types(q.dtype, v.dtype), cfg.chunk_size))
 
 
-def _mosaic_forward(q, k, v, g, cfg: KernelConfig, raw_gate: bool) -> Array:
-  segments = mosaic_segments(q.shape[0] * q.shape[2], q.shape[1] // cfg.chunk_size)
-  return gpu_mosaic.forward(q, k, v, g, scale=cfg.scale, segments=segments, raw_gate=raw_gate)
-
-
 def _forward(q, k, v, g, cfg: KernelConfig, save_states: bool):
   if not save_states and uses_mosaic_forward(q, v, cfg):
-    return _mosaic_forward(q, k, v, g, cfg, raw_gate=False), None
+    segments = mosaic_segments(q.shape[0] * q.shape[2], q.shape[1] // cfg.chunk_size)
+    return gpu_mosaic.forward(q, k, v, g, scale=cfg.scale, segments=segments), None
   if cfg.fused:
     return _fused_forward(q, k, v, g, cfg, save_states)
   return _two_pass_forward(q, k, v, g, cfg)
@@ -419,34 +415,6 @@ def _vjp_bwd(cfg, residuals, do):
 
 
 gla_chunked_g.defvjp(_vjp_fwd, _vjp_bwd)
-
-
-def _gate_cumsum(log_gate: Array, cfg: KernelConfig) -> Array:
-  return reference.chunk_local_cumsum(log_gate, cfg.chunk_size, cfg.gate_cumsum)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def gla_chunked_log_gate(q: Array, k: Array, v: Array, log_gate: Array, cfg: KernelConfig) -> Array:
-  """`gla_chunked_g` from the chunk-padded fp32 log gate: XLA's chunk-local cumsum, then the kernels; a
-  forward without a gradient on the Mosaic path (`uses_mosaic_forward`) forms G inside its kernels instead,
-  saving the cumsum's pass over the gate (session 11). The VJP is `gla_chunked_g`'s through the cumsum."""
-  if uses_mosaic_forward(q, v, cfg):
-    return _mosaic_forward(q, k, v, log_gate, cfg, raw_gate=True)
-  return gla_chunked_g(q, k, v, _gate_cumsum(log_gate, cfg), cfg)
-
-
-def _log_gate_vjp_fwd(q, k, v, log_gate, cfg):
-  return _vjp_fwd(q, k, v, _gate_cumsum(log_gate, cfg), cfg)
-
-
-def _log_gate_vjp_bwd(cfg, residuals, do):
-  dq, dk, dv, dg = _vjp_bwd(cfg, residuals, do)
-  (d_log_gate,) = jax.linear_transpose(lambda x: _gate_cumsum(x, cfg),
-                                       jax.ShapeDtypeStruct(dg.shape, jnp.float32))(dg)
-  return dq, dk, dv, d_log_gate
-
-
-gla_chunked_log_gate.defvjp(_log_gate_vjp_fwd, _log_gate_vjp_bwd)
 
 
 def _prepare(q, k, v, chunk_size, scale, interpret, config):
@@ -481,8 +449,9 @@ def gla(q: Array, k: Array, v: Array, log_gate: Array, *, chunk_size: int | None
   """
   reference._check_shapes(q, k, v, log_gate, None)
   (qp, kp, vp), cfg = _prepare(q, k, v, chunk_size, scale, interpret, config)
-  log_gate = reference.pad_to_chunks(log_gate.astype(jnp.float32), cfg.chunk_size)
-  return gla_chunked_log_gate(qp, kp, vp, log_gate, cfg)[:, :q.shape[1]].astype(v.dtype)
+  c = cfg.chunk_size
+  g = reference.chunk_local_cumsum(reference.pad_to_chunks(log_gate, c), c, cfg.gate_cumsum)
+  return gla_chunked_g(qp, kp, vp, g, cfg)[:, :q.shape[1]].astype(v.dtype)
 
 
 def low_rank_gate_supported(gate: LowRankGate, q_shape: tuple[int, ...], chunk_size: int | None) -> bool:

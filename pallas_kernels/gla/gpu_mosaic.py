@@ -86,59 +86,11 @@ class TransposedStates(NamedTuple):
   decay: Array   # [B, NT, H, K] fp32: e^(sum of the log decays between the segment's start and chunk n)
 
 
-def _zeros(shape: tuple[int, int]) -> Array:
-  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), WGMMA)
-
-
-def _iotas(shape: tuple[int, int]) -> tuple[Array, Array]:
-  return tuple(plgpu.broadcasted_iota(jnp.int32, shape, d, layout=WGMMA) for d in (0, 1))
-
-
-def _store_bf16_parts(x: Array, parts: tuple) -> None:
-  """x (fp32) as three bf16 SMEM tiles whose sum is x to fp32 precision (8 + 8 + 8 mantissa bits): a 0/1
-  matrix times the parts in bf16 wgmmas (exact products, fp32 accumulation) then sums rows of x exactly.
-  Starts with a warpgroup barrier: the tiles may be ones whose values every thread has just loaded."""
-  plgpu.commit_smem()
-  hi = x.astype(jnp.bfloat16)
-  rest = x - hi.astype(jnp.float32)
-  mid = rest.astype(jnp.bfloat16)
-  for part_s, part in zip(parts, (hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16))):
-    part_s[...] = part
-  plgpu.commit_smem()
-
-
-def _select_rows(matrix: Array, parts: tuple, shape: tuple[int, int]) -> Array:
-  """matrix [C, C] (0/1, bf16, registers) times the x whose bf16 parts are in `parts`, fp32 [C, K]."""
-  def product(acc):
-    for part_s in parts:
-      plgpu.wgmma(acc, matrix, part_s)
-  return pl.run_state(product)(plgpu.ACC.init(_zeros(shape)))
-
-
-def _cumsum_rows(log_gate: Array, parts: tuple, with_middle: bool) -> tuple[Array, Array | None]:
-  """In-kernel chunk-local inclusive cumsum G of a raw log gate tile [C, K] (Mosaic has no cumsum lowering):
-  a lower-triangular ones matrix times it (`_select_rows`); with `with_middle` also G at the middle row
-  broadcast to every row (ones in the columns <= C/2), which the one-reference-row scores need."""
-  _store_bf16_parts(log_gate, parts)
-  r, col = _iotas((CHUNK, CHUNK))
-  g = _select_rows(jnp.where(col <= r, 1.0, 0.0).astype(jnp.bfloat16), parts, log_gate.shape)
-  if not with_middle:
-    return g, None
-  middle = jnp.where(col <= CHUNK // 2, 1.0, 0.0).astype(jnp.bfloat16)
-  return g, _select_rows(middle, parts, log_gate.shape)
-
-
 # --------------------------------------------------------------------------------------------- state pass
 
 
-def state_pass(k: Array, v: Array, g: Array, segments: int = 1, raw_gate: bool = False) -> TransposedStates:
-  """Every chunk's entering state, in `segments` (a divisor of the chunk count) run in parallel.
-
-  g: G, the chunk-local cumulative log gate; with `raw_gate` the log gate itself (chunk-padded), whose cumsum
-  the kernel forms (`_cumsum_rows`; gamma as the chunk's column sums). The join's gammas then come from an XLA
-  reduction of the log gate (a read, no write; writing them from the kernel as 1-D blocks gave wrong states
-  on the H100, session 11, not debugged).
-  """
+def state_pass(k: Array, v: Array, g: Array, segments: int = 1) -> TransposedStates:
+  """Every chunk's entering state, in `segments` (a divisor of the chunk count) run in parallel."""
   batch, tokens, heads, dim_k = k.shape
   dim_v = v.shape[-1]
   _check(k, v, "state_pass")
@@ -146,30 +98,17 @@ def state_pass(k: Array, v: Array, g: Array, segments: int = 1, raw_gate: bool =
   if nt % segments:
     raise ValueError(f"segments ({segments}) must divide the chunk count ({nt})")
   per_seg = nt // segments
+  gamma = g[:, c - 1::c]                                      # [B, NT, H, K]
   sw = _swizzle(dim_k, jnp.bfloat16)                          # v^T and k~ are one wgmma's operands
-  vector_spec = plgpu.BlockSpec((None, dim_k), lambda i: (i, 0))
 
-  def body(*refs):
-    if raw_gate:
-      k_gmem, v_gmem, g_gmem, hs_gmem, end_gmem, kd_s, end_s, *parts = refs
-    else:
-      k_gmem, v_gmem, g_gmem, gamma_gmem, hs_gmem, end_gmem, kd_s, end_s = refs
+  def body(k_gmem, v_gmem, g_gmem, gamma_gmem, hs_gmem, end_gmem, kd_s, end_s):
     b, h, s = jax.lax.axis_index("b"), jax.lax.axis_index("h"), jax.lax.axis_index("s")
     rows, chunks = pl.ds(s * per_seg * c, per_seg * c), pl.ds(s * per_seg, per_seg)
 
-    def step(_, k_s, v_s, g_s, *refs):
-      *io_s, acc = refs
-      if raw_gate:
-        (h_out_s,) = io_s
-        log_gate = g_s[...]
-        gate = _cumsum_rows(log_gate, parts, with_middle=False)[0]
-        gam = jnp.sum(log_gate, axis=0)
-      else:
-        gamma_s, h_out_s = io_s
-        gate = g_s[...]
-        gam = plgpu.load(gamma_s, layout=ROW_VECTOR)
+    def step(_, k_s, v_s, g_s, gamma_s, h_out_s, acc):
       h_out_s[...] = acc.astype(h_out_s.dtype)               # the state entering this chunk
-      kd_s[...] = (k_s[...].astype(jnp.float32) * _exp(_rows_broadcast(gam, (c, dim_k)) - gate)
+      gam = plgpu.load(gamma_s, layout=ROW_VECTOR)
+      kd_s[...] = (k_s[...].astype(jnp.float32) * _exp(_rows_broadcast(gam, (c, dim_k)) - g_s[...])
                    ).astype(kd_s.dtype)
       plgpu.commit_smem()
       acc = acc * _rows_broadcast(_exp(gam), (dim_v, dim_k))
@@ -178,38 +117,29 @@ def state_pass(k: Array, v: Array, g: Array, segments: int = 1, raw_gate: bool =
         plgpu.wgmma(acc_ref, v_s.transpose((1, 0)), kd_s)
       return pl.run_state(update)(plgpu.ACC.init(acc))
 
-    in_specs = [plgpu.BlockSpec((c, dim_k), lambda i: (i, 0), transforms=_transforms(sw, jnp.bfloat16)),
-                plgpu.BlockSpec((c, dim_v), lambda i: (i, 0), transforms=_transforms(sw, jnp.bfloat16)),
-                plgpu.BlockSpec((c, dim_k), lambda i: (i, 0),
-                                transforms=_transforms(_swizzle(dim_k, jnp.float32), jnp.float32))]
-    out_specs = [plgpu.BlockSpec((None, dim_v, dim_k), lambda i: (i, 0, 0),
-                                 transforms=_transforms(sw, jnp.bfloat16))]
-    gmems = [k_gmem.at[b, rows, h], v_gmem.at[b, rows, h], g_gmem.at[b, rows, h]]
-    if raw_gate:
-      gmems += [hs_gmem.at[b, chunks, h]]
-    else:
-      in_specs.append(vector_spec)
-      gmems += [gamma_gmem.at[b, chunks, h], hs_gmem.at[b, chunks, h]]
-    pipeline = plgpu.emit_pipeline(step, grid=(per_seg,), max_concurrent_steps=2, in_specs=in_specs,
-                                   out_specs=out_specs, init_carry=_zeros((dim_v, dim_k)))
-    end_s[...] = pipeline(*gmems)
+    pipeline = plgpu.emit_pipeline(
+        step, grid=(per_seg,), max_concurrent_steps=2,
+        in_specs=[plgpu.BlockSpec((c, dim_k), lambda i: (i, 0), transforms=_transforms(sw, jnp.bfloat16)),
+                  plgpu.BlockSpec((c, dim_v), lambda i: (i, 0), transforms=_transforms(sw, jnp.bfloat16)),
+                  plgpu.BlockSpec((c, dim_k), lambda i: (i, 0),
+                                  transforms=_transforms(_swizzle(dim_k, jnp.float32), jnp.float32)),
+                  plgpu.BlockSpec((None, dim_k), lambda i: (i, 0))],
+        out_specs=[plgpu.BlockSpec((None, dim_v, dim_k), lambda i: (i, 0, 0),
+                                   transforms=_transforms(sw, jnp.bfloat16))],
+        init_carry=plgpu.layout_cast(jnp.zeros((dim_v, dim_k), jnp.float32), WGMMA))
+    end = pipeline(k_gmem.at[b, rows, h], v_gmem.at[b, rows, h], g_gmem.at[b, rows, h],
+                   gamma_gmem.at[b, chunks, h], hs_gmem.at[b, chunks, h])
+    end_s[...] = end
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(end_s, end_gmem.at[b, s, h])
     plgpu.wait_smem_to_gmem(0)
 
-  out_type = [jax.ShapeDtypeStruct((batch, nt, heads, dim_v, dim_k), jnp.bfloat16),
-              jax.ShapeDtypeStruct((batch, segments, heads, dim_v, dim_k), jnp.float32)]
-  scratch = [_smem((c, dim_k), jnp.bfloat16, sw), _smem((dim_v, dim_k), jnp.float32)]
-  if raw_gate:
-    scratch += [_smem((c, dim_k), jnp.bfloat16, sw) for _ in range(3)]
-    operands = (k, v, g)
-  else:
-    operands = (k, v, g, g[:, c - 1::c])                      # gamma [B, NT, H, K]
-  outs = plgpu.kernel(
-      body, out_type=tuple(out_type), grid=(batch, heads, segments), grid_names=("b", "h", "s"),
-      scratch_types=scratch, compiler_params=plgpu.CompilerParams(approx_math=True))(*operands)
-  local, ends = outs
-  gamma = g.reshape(batch, nt, c, heads, dim_k).sum(axis=2) if raw_gate else operands[3]
+  local, ends = plgpu.kernel(
+      body, out_type=(jax.ShapeDtypeStruct((batch, nt, heads, dim_v, dim_k), jnp.bfloat16),
+                      jax.ShapeDtypeStruct((batch, segments, heads, dim_v, dim_k), jnp.float32)),
+      grid=(batch, heads, segments), grid_names=("b", "h", "s"),
+      scratch_types=[_smem((c, dim_k), jnp.bfloat16, sw), _smem((dim_v, dim_k), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(approx_math=True))(k, v, g, gamma)
   return _join(local, ends, gamma)
 
 
@@ -227,6 +157,10 @@ def _join(local: Array, ends: Array, gamma: Array) -> TransposedStates:
 
 
 # -------------------------------------------------------------------------------------------- output pass
+
+
+def _zeros(shape: tuple[int, int]) -> Array:
+  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), WGMMA)
 
 
 def _score_product(qt_s, kt_s, q_factor: Array, k_factor: Array) -> Array:
@@ -256,20 +190,31 @@ def _scores(qf: Array, kf: Array, gate: Array, diff: Array, qt_s, kt_s, g_parts:
   in registers, and one of its own).
   """
   c = CHUNK
-  r, col = _iotas((c, c))
+  r = plgpu.broadcasted_iota(jnp.int32, (c, c), 0, layout=WGMMA)
+  col = plgpu.broadcasted_iota(jnp.int32, (c, c), 1, layout=WGMMA)
   span = jnp.max(jnp.max(jnp.abs(diff), axis=1), axis=0)
 
   def single():
     return jnp.where(r >= col, _score_product(qt_s, kt_s, qf * _exp(diff), kf * _exp(-diff)), 0.0)
 
   def levels():
-    _store_bf16_parts(gate, g_parts)
+    hi = gate.astype(jnp.bfloat16)
+    rest = gate - hi.astype(jnp.float32)
+    mid = rest.astype(jnp.bfloat16)
+    for part_s, part in zip(g_parts, (hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16))):
+      part_s[...] = part
+    plgpu.commit_smem()
     diagonal = jnp.where(r == col, jax.lax.broadcast_in_dim(jnp.sum(qf * kf, axis=1), (c, c), (0,)), 0.0)
 
     def level(lg, out):                       # a rolled loop: one level's temporaries live at a time
       half = jnp.left_shift(jnp.int32(1), lg)
       ref_row = (r // (2 * half)) * (2 * half) + (half - 1)
-      g_ref = _select_rows(jnp.where(col == ref_row, 1.0, 0.0).astype(jnp.bfloat16), g_parts, gate.shape)
+      one_hot = jnp.where(col == ref_row, 1.0, 0.0).astype(jnp.bfloat16)
+
+      def gather(acc):
+        for part_s in g_parts:
+          plgpu.wgmma(acc, one_hot, part_s)
+      g_ref = pl.run_state(gather)(plgpu.ACC.init(_zeros(gate.shape)))
       e = _exp(-jnp.abs(gate - g_ref))
       pair = ((r // half) % 2 == 1) & ((col // half) % 2 == 0) & (r // (2 * half) == col // (2 * half))
       return jnp.where(pair, _score_product(qt_s, kt_s, qf * e, kf * e), out)
@@ -280,12 +225,11 @@ def _scores(qf: Array, kf: Array, gate: Array, diff: Array, qt_s, kt_s, g_parts:
 
 
 def out_pass(q: Array, k: Array, v: Array, g: Array, states: Array | TransposedStates, *, scale: float,
-             levels_fallback: bool = True, raw_gate: bool = False) -> Array:
+             levels_fallback: bool = True) -> Array:
   """o for all chunks: q, k [B, T, H, K] bf16, v [B, T, H, V] bf16, g [B, T, H, K] fp32 (chunk-local
   cumsum), states: [B, T / 64, H, K, V] bf16 (the state entering each chunk, `gpu._states`) or
-  `TransposedStates`. Returns [B, T, H, V] bf16. With `raw_gate` g is the (chunk-padded) log gate and the
-  kernel forms G (`_cumsum_rows`). `levels_fallback=False` drops the level scheme (wrong where a chunk's
-  decay span exceeds SPAN_LIMIT): only for measuring what the fallback costs."""
+  `TransposedStates`. Returns [B, T, H, V] bf16. `levels_fallback=False` drops the level scheme (wrong where a
+  chunk's decay span exceeds SPAN_LIMIT): only for measuring what the fallback costs."""
   batch, tokens, heads, dim_k = q.shape
   dim_v = v.shape[-1]
   _check(q, v, "out_pass")
@@ -305,8 +249,7 @@ def out_pass(q: Array, k: Array, v: Array, g: Array, states: Array | TransposedS
     plgpu.copy_gmem_to_smem(k_gmem.at[b, rows, h], k_s, bars.at[1])
     plgpu.copy_gmem_to_smem(g_gmem.at[b, rows, h], g_s, bars.at[2])
     plgpu.copy_gmem_to_smem(v_gmem.at[b, rows, h], v_s, bars.at[4])
-    if not raw_gate:
-      plgpu.copy_gmem_to_smem(g_gmem.at[b, n * c + c // 2, h], g_mid_s, bars.at[5])
+    plgpu.copy_gmem_to_smem(g_gmem.at[b, n * c + c // 2, h], g_mid_s, bars.at[5])
     if transposed:
       local_s, carry_s, decay_s, extra_bars = extra
       plgpu.copy_gmem_to_smem(h_gmems[0].at[b, n, h], local_s, bars.at[3])
@@ -314,14 +257,11 @@ def out_pass(q: Array, k: Array, v: Array, g: Array, states: Array | TransposedS
       plgpu.copy_gmem_to_smem(h_gmems[2].at[b, n, h], decay_s, extra_bars.at[1])
     else:
       plgpu.copy_gmem_to_smem(h_gmems[0].at[b, n, h], h_s, bars.at[3])
-    for i in (0, 1, 2) if raw_gate else (0, 1, 2, 5):
+    for i in (0, 1, 2, 5):
       plgpu.barrier_wait(bars.at[i])
+    gate = g_s[...]
+    g_mid = _rows_broadcast(plgpu.load(g_mid_s, layout=ROW_VECTOR), (c, dim_k))
     qf, kf = q_s[...].astype(jnp.float32), k_s[...].astype(jnp.float32)
-    if raw_gate:                              # q and k are in registers: their tiles take G's parts
-      gate, g_mid = _cumsum_rows(g_s[...], (q_s, k_s, gp_s), with_middle=True)
-    else:
-      gate = g_s[...]
-      g_mid = _rows_broadcast(plgpu.load(g_mid_s, layout=ROW_VECTOR), (c, dim_k))
     qe_s[...] = (qf * _exp(gate)).astype(qe_s.dtype)
     plgpu.barrier_wait(bars.at[3])
     if transposed:                            # h^T = local + decay * carry, joined here (no pass of its own)
@@ -365,8 +305,6 @@ def out_pass(q: Array, k: Array, v: Array, g: Array, states: Array | TransposedS
 
 
 def forward(q: Array, k: Array, v: Array, g: Array, *, scale: float, segments: int = 1,
-            levels_fallback: bool = True, raw_gate: bool = False) -> Array:
-  """The GLA forward: `state_pass` then `out_pass`, o [B, T, H, V] bf16. g: G (the chunk-local cumsum of the
-  log gate), or with `raw_gate` the chunk-padded log gate itself (no cumsum pass before the kernels)."""
-  states = state_pass(k, v, g, segments, raw_gate=raw_gate)
-  return out_pass(q, k, v, g, states, scale=scale, levels_fallback=levels_fallback, raw_gate=raw_gate)
+            levels_fallback: bool = True) -> Array:
+  """The GLA forward from G (chunk-local cumsum): `state_pass` then `out_pass`, o [B, T, H, V] bf16."""
+  return out_pass(q, k, v, g, state_pass(k, v, g, segments), scale=scale, levels_fallback=levels_fallback)
