@@ -6,6 +6,9 @@ bandwidth as the HBM ceiling, fla's PyTorch `chunk_gla` as the external baseline
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
 import subprocess
 import time
@@ -147,3 +150,42 @@ def env_info() -> dict:
   except Exception as e:  # noqa: BLE001
     info["nvidia_smi"] = str(e)
   return info
+
+
+# ------------------------------------------------------------------------------------------ command lines
+
+
+def shapes_parser(shapes_help: str) -> argparse.ArgumentParser:
+  """The options every shape-list benchmark takes: --out (default $OUT, else benchmarks/results), --shapes
+  ("a,b,c;d,e,f"), --tag (suffix of the output file name)."""
+  parser = argparse.ArgumentParser()
+  default_out = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
+  parser.add_argument("--out", default=default_out)
+  parser.add_argument("--shapes", default="", help=shapes_help)
+  parser.add_argument("--tag", default="", help="suffix of the output file name")
+  return parser
+
+
+def parse_shapes(text: str, default: tuple) -> list[tuple[int, ...]]:
+  return [tuple(int(x) for x in s.split(",")) for s in text.split(";") if s] or list(default)
+
+
+def result_path(out: str, name: str, device_kind: str, tag: str) -> str:
+  """<out>/<name>_<card>[_<tag>].json (the folder is created)."""
+  os.makedirs(out, exist_ok=True)
+  return os.path.join(out, f"{name}_{card_slug(device_kind)}{'_' + tag if tag else ''}.json")
+
+
+def run_shapes(shapes, bench_shape, result: dict, path: str, print_table) -> None:
+  """bench_shape(shape) -> row for each shape into result["timings"] (a failing shape is logged into
+  result["failures"] and the others still run), the JSON rewritten after each, then the table."""
+  for shape in shapes:
+    try:
+      result["timings"].append(bench_shape(shape))
+    except Exception as e:  # noqa: BLE001 - one shape failing must not lose the others
+      log(f"shape {shape} failed: {type(e).__name__}: {str(e)[:2000]}")
+      result.setdefault("failures", []).append(dict(shape=shape, error=f"{type(e).__name__}: {e}"[:4000]))
+    with open(path, "w") as fh:
+      json.dump(result, fh, indent=1)
+  print_table(result["timings"])
+  log(f"wrote {path}")

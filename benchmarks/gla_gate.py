@@ -16,15 +16,14 @@ in training at 256, 1024 and 1792 px (B 32 / 4 / 2 as in `model_sweep`). Prints 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bench_common import card_slug, env_info, jax_sync, log, rel_err, time_calls
+from benchmarks.bench_common import (env_info, jax_sync, log, parse_shapes, rel_err, result_path,
+                                     run_shapes, shapes_parser, time_calls)
 from pallas_kernels.gla import gpu
 from pallas_kernels.gla.gate import LowRankGate, low_rank_log_gate
 
@@ -87,24 +86,12 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser()
-  default_out = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
-  parser.add_argument("--out", default=default_out)
-  parser.add_argument("--shapes", default="", help='"B,T,H,K,V,D,R;..." (default: DiG-S/2 at 256/1024/1792)')
-  parser.add_argument("--tag", default="", help="suffix of the output file name")
+  parser = shapes_parser('"B,T,H,K,V,D,R;..." (default: DiG-S/2 at 256/1024/1792)')
   args = parser.parse_args()
-  shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s] or DEFAULT_SHAPES
+  shapes = parse_shapes(args.shapes, DEFAULT_SHAPES)
   result = dict(env=env_info(), timings=[])
-  path = os.path.join(args.out, f"gla_gate_{card_slug(result['env']['device'])}"
-                                f"{'_' + args.tag if args.tag else ''}.json")
-  os.makedirs(args.out, exist_ok=True)
-  for shape in shapes:
-    result["timings"].append(bench_shape(shape))
-    with open(path, "w") as fh:
-      json.dump(result, fh, indent=1)
-  print_table(result["timings"])
-  log(f"wrote {path}")
-
+  path = result_path(args.out, "gla_gate", result["env"]["device"], args.tag)
+  run_shapes(shapes, bench_shape, result, path, print_table)
 
 if __name__ == "__main__":
   main()

@@ -19,16 +19,14 @@ HIGHEST precision). Prints a table and writes ``gla_mosaic_<card>.json``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.bench_common import (card_slug, copy_bandwidth, env_info, jax_sync, log, make_inputs,
-                                     rel_err, time_calls)
+from benchmarks.bench_common import (copy_bandwidth, env_info, jax_sync, log, make_inputs, parse_shapes,
+                                     rel_err, result_path, run_shapes, shapes_parser, time_calls)
 from pallas_kernels.gla import gpu, gpu_mosaic, reference
 
 DEFAULT_SHAPES = ((8, 12544, 6, 32, 64), (2, 12544, 6, 32, 64), (8, 4096, 6, 32, 64), (32, 256, 6, 32, 64),
@@ -144,34 +142,19 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser()
-  default_out = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
-  parser.add_argument("--out", default=default_out)
-  parser.add_argument("--shapes", default="", help='"B,T,H,K,V;..." (bf16; K 32/64, V 64)')
-  parser.add_argument("--tag", default="", help="suffix of the output file name")
+  parser = shapes_parser('"B,T,H,K,V;..." (bf16; K 32/64, V 64)')
   parser.add_argument("--no_fallback", action="store_true", help="also the Mosaic forward without levels")
   parser.add_argument("--segments", default="1,2,4,8,16", help="extra segment counts for the Mosaic forward")
   args = parser.parse_args()
-  shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s] or DEFAULT_SHAPES
+  shapes = parse_shapes(args.shapes, DEFAULT_SHAPES)
   global NO_FALLBACK
   NO_FALLBACK = args.no_fallback
   result = dict(env=env_info(), copy_bandwidth=copy_bandwidth(), timings=[])
   log(f"copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s")
-  path = os.path.join(args.out, f"gla_mosaic_{card_slug(result['env']['device'])}"
-                                f"{'_' + args.tag if args.tag else ''}.json")
-  os.makedirs(args.out, exist_ok=True)
-  for shape in shapes:
-    try:
-      extra = tuple(int(x) for x in args.segments.split(",") if x)
-      result["timings"].append(bench_shape(shape, result["copy_bandwidth"], extra))
-    except Exception as e:  # noqa: BLE001 - one shape failing must not lose the others
-      log(f"shape {shape} failed: {type(e).__name__}: {str(e)[:2000]}")
-      result.setdefault("failures", []).append(dict(shape=shape, error=f"{type(e).__name__}: {e}"[:4000]))
-    with open(path, "w") as fh:
-      json.dump(result, fh, indent=1)
-  print_table(result["timings"])
-  log(f"wrote {path}")
-
+  path = result_path(args.out, "gla_mosaic", result["env"]["device"], args.tag)
+  extra = tuple(int(x) for x in args.segments.split(",") if x)
+  run_shapes(shapes, lambda shape: bench_shape(shape, result["copy_bandwidth"], extra), result, path,
+             print_table)
 
 if __name__ == "__main__":
   main()
