@@ -51,10 +51,14 @@ def supported(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype, chunk_s
           and v_shape[-1] == 64 and q_shape[1] % CHUNK == 0)
 
 
-def _check(q: Array, v: Array, name: str) -> None:
-  if not supported(q.shape, v.shape, q.dtype, CHUNK):
-    raise ValueError(f"gpu_mosaic.{name}: bf16, K in (32, 64), V = 64, T % 64 == 0; got q{q.shape} "
-                     f"{q.dtype}, v{v.shape}")
+def _check(name: str, qk: Array, v: Array, g: Array) -> None:
+  """q/k [B, T, H, K] and v [B, T, H, V] bf16, g [B, T, H, K] fp32, within `supported`."""
+  ok = (supported(qk.shape, v.shape, qk.dtype, CHUNK) and v.dtype == jnp.bfloat16 and g.dtype == jnp.float32
+        and qk.shape[:3] == v.shape[:3] and g.shape == qk.shape)
+  if not ok:
+    raise ValueError(f"gpu_mosaic.{name}: bf16 q/k/v with K in (32, 64), V = 64, T % 64 == 0, and an fp32 "
+                     f"gate of q's shape; got q/k {qk.shape} {qk.dtype}, v {v.shape} {v.dtype}, "
+                     f"g {g.shape} {g.dtype}")
 
 
 def _swizzle(width: int, dtype) -> int:
@@ -93,7 +97,7 @@ def state_pass(k: Array, v: Array, g: Array, segments: int = 1) -> TransposedSta
   """Every chunk's entering state, in `segments` (a divisor of the chunk count) run in parallel."""
   batch, tokens, heads, dim_k = k.shape
   dim_v = v.shape[-1]
-  _check(k, v, "state_pass")
+  _check("state_pass", k, v, g)
   c, nt = CHUNK, tokens // CHUNK
   if nt % segments:
     raise ValueError(f"segments ({segments}) must divide the chunk count ({nt})")
@@ -232,7 +236,9 @@ def out_pass(q: Array, k: Array, v: Array, g: Array, states: Array | TransposedS
   chunk's decay span exceeds SPAN_LIMIT): only for measuring what the fallback costs."""
   batch, tokens, heads, dim_k = q.shape
   dim_v = v.shape[-1]
-  _check(q, v, "out_pass")
+  _check("out_pass", q, v, g)
+  if k.dtype != q.dtype or k.shape != q.shape:
+    raise ValueError(f"gpu_mosaic.out_pass: k must match q; got k {k.shape} {k.dtype}, q {q.shape} {q.dtype}")
   c = CHUNK
   transposed = isinstance(states, TransposedStates)
   state_ops = tuple(states) if transposed else (states,)

@@ -75,6 +75,14 @@ def test_support_rule_and_errors():
   v = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
   with pytest.raises(ValueError, match="K in"):
     gpu_mosaic.forward(q, q, v, jnp.zeros(q.shape, jnp.float32), scale=1.0)
+  q, v = jnp.zeros((1, 64, 1, 32), jnp.bfloat16), jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+  for v_bad, g_bad in [(v.astype(jnp.float32), jnp.zeros(q.shape, jnp.float32)), (v, q),   # fp32 v, bf16 g
+                       (v[:, :, :, :32], jnp.zeros(q.shape, jnp.float32))]:               # V = 32
+    with pytest.raises(ValueError, match="fp32 gate"):
+      gpu_mosaic.forward(q, q, v_bad, g_bad, scale=1.0)
+  with pytest.raises(ValueError, match="k must match q"):
+    gpu_mosaic.out_pass(q, q[:, :, :, :16], v, jnp.zeros(q.shape, jnp.float32),
+                        jnp.zeros((1, 1, 1, 32, 64), jnp.bfloat16), scale=1.0)
   q = jnp.zeros((1, 192, 1, 32), jnp.bfloat16)
   with pytest.raises(ValueError, match="must divide"):
     gpu_mosaic.state_pass(q, jnp.zeros((1, 192, 1, 64), jnp.bfloat16), jnp.zeros(q.shape, jnp.float32), 2)
