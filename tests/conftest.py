@@ -1,4 +1,5 @@
-"""Test set-up: 8 fake CPU devices (before JAX initialises), no network, CPU only unless a GPU test asks.
+"""Test set-up: 8 fake CPU devices (before JAX initialises), no network, CPU only unless a GPU test asks, and a
+per-session compilation cache.
 
 DIG_TEST_GPU=1 on a GPU machine runs only the tests marked `gpu` (kernels compiled at real sizes).
 """
@@ -10,10 +11,25 @@ if os.environ.get("DIG_TEST_GPU") != "1":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "_no_tfds_data"))
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+# Compiling dominates the suite's time on a 2-core CPU, and some tests compile a program that an earlier one
+# compiled through another jax.jit (the same train step in two training runs, the same kernel config in
+# several checks): JAX's persistent compilation cache turns those compiles into loads. It is a new temporary
+# directory per session, removed at exit, so every session (and CI) starts cold; a cache directory that is
+# already configured (JAX_COMPILATION_CACHE_DIR) is used as it is.
+if not jax.config.jax_compilation_cache_dir:
+  _XLA_CACHE_DIR = tempfile.mkdtemp(prefix="dig-jax-tests-xla-cache-")
+  atexit.register(shutil.rmtree, _XLA_CACHE_DIR, ignore_errors=True)
+  jax.config.update("jax_compilation_cache_dir", _XLA_CACHE_DIR)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _has_gpu() -> bool:

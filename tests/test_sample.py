@@ -38,11 +38,16 @@ def workdir(tmp_path_factory):
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     init = functools.partial(train._init_state, model_config=config.model, tx=tx)  # pylint: disable=W0212
     state = jax.jit(init)(jax.random.key(0))
-  # A non-zero EMA (the fresh model's output layer is zero-initialised), distinct from the params.
-  leaves, treedef = jax.tree.flatten(state["params"])
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  state["ema_params"] = jax.tree.unflatten(
-      treedef, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+  # A non-zero EMA (the fresh model's output layer is zero-initialised), distinct from the params. One jit:
+  # eagerly, the normal draws and adds would compile a few programs per parameter shape.
+  @jax.jit
+  def perturbed(params, key):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+
+  state["ema_params"] = perturbed(state["params"], jax.random.key(1))
   state["step"] = jnp.int32(5)
   with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort())

@@ -99,6 +99,14 @@ def test_vb_at_t0_is_the_decoder_nll_in_bits():
   assert np.all(np.asarray(vb) > 0)
 
 
+def _draws(seed, shape):
+  """x0 ~ U(-1, 1) and noise ~ N(0, 1) of one shape, float32. NumPy draws: an eager jax.random draw compiles
+  once per new shape (a few tenths of a second each on a 2-core CPU)."""
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.uniform(-1, 1, shape), jnp.float32),
+          jnp.asarray(rng.standard_normal(shape), jnp.float32))
+
+
 def _linear_model(params, x, t):
   """A tiny per-pixel linear model with a timestep-dependent bias; output has 2C channels."""
   return x @ params["w"] + (t.astype(x.dtype) / 1000.0)[:, None, None, None] * params["u"]
@@ -106,11 +114,11 @@ def _linear_model(params, x, t):
 
 def test_training_losses_shapes_finiteness_and_gradients():
   diffusion = create_diffusion("")
-  keys = jax.random.split(jax.random.key(0), 4)
-  x0 = jax.random.uniform(keys[0], (4, 4, 4, 3), minval=-1, maxval=1)
-  noise = jax.random.normal(keys[1], x0.shape)
+  x0, noise = _draws(0, (4, 4, 4, 3))
   t = jnp.array([0, 1, 500, 999], jnp.int32)
-  params = {"w": 0.1 * jax.random.normal(keys[2], (3, 6)), "u": 0.1 * jax.random.normal(keys[3], (6,))}
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.asarray(0.1 * rng.standard_normal((3, 6)), jnp.float32),
+            "u": jnp.asarray(0.1 * rng.standard_normal(6), jnp.float32)}
 
   def mean_loss(params):
     terms = diffusion.training_losses(lambda x, tt: _linear_model(params, x, tt), x0, t, noise)
@@ -130,8 +138,7 @@ def test_training_losses_shapes_finiteness_and_gradients():
 
 def test_vb_gradient_does_not_reach_the_epsilon_half():
   diffusion = create_diffusion("")
-  x0 = jax.random.uniform(jax.random.key(1), (3, 2, 2, 3), minval=-1, maxval=1)
-  noise = jax.random.normal(jax.random.key(2), x0.shape)
+  x0, noise = _draws(2, (3, 2, 2, 3))
   t = jnp.array([0, 10, 700], jnp.int32)
   output = jnp.concatenate([0.5 * noise, 0.3 * jnp.ones_like(noise)], axis=-1)
 
@@ -146,8 +153,7 @@ def test_vb_gradient_does_not_reach_the_epsilon_half():
 
 
 def test_loss_variants():
-  x0 = jax.random.uniform(jax.random.key(3), (2, 2, 2, 3), minval=-1, maxval=1)
-  noise = jax.random.normal(jax.random.key(4), x0.shape)
+  x0, noise = _draws(3, (2, 2, 2, 3))
   t = jnp.array([3, 40], jnp.int32)
   learned = lambda x, tt: jnp.concatenate([0.9 * x, 0.2 * jnp.ones_like(x)], -1)
 
@@ -167,8 +173,7 @@ def test_loss_variants():
 
 def test_min_snr_weighting_matches_closed_form():
   """Min-SNR-gamma: the epsilon MSE is scaled by min(SNR, gamma) / SNR, SNR = abar / (1 - abar); VB as is."""
-  x0 = jax.random.uniform(jax.random.key(5), (4, 2, 2, 1), minval=-1, maxval=1)
-  noise = jax.random.normal(jax.random.key(6), x0.shape)
+  x0, noise = _draws(5, (4, 2, 2, 1))
   t = jnp.array([0, 30, 300, 999], jnp.int32)
   learned = lambda x, tt: jnp.concatenate([0.7 * x, 0.1 * jnp.ones_like(x)], -1)
   plain = create_diffusion("").training_losses(learned, x0, t, noise)

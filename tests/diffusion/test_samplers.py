@@ -9,7 +9,12 @@ from dig_jax.diffusion import create_diffusion
 from dig_jax.diffusion.samplers import dpm_solver_timesteps
 
 SHAPE = (2, 4, 4, 3)
-X_STAR = jax.random.uniform(jax.random.key(42), SHAPE, minval=-1.0, maxval=1.0)
+# NumPy draws (float32): an eager jax.random draw compiles once per new shape, a few tenths of a second each.
+X_STAR = jnp.asarray(np.random.default_rng(42).uniform(-1.0, 1.0, SHAPE), jnp.float32)
+
+
+def _noise(seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(SHAPE), jnp.float32)
 
 
 def _delta_oracle(diffusion, x_star, var_value=0.3, learn_sigma=True):
@@ -52,7 +57,7 @@ def test_ddpm_with_fixed_variance_oracle_returns_the_point():
 
 def test_ddim_eta0_is_deterministic(diffusion50):
   loop = jax.jit(lambda r, n: diffusion50.ddim_sample_loop(_shrink_model, SHAPE, r, noise=n))
-  noise = jax.random.normal(jax.random.key(3), SHAPE)
+  noise = _noise(3)
   a = loop(jax.random.key(0), noise)
   b = loop(jax.random.key(1), noise)  # other key, same x_T
   np.testing.assert_array_equal(a, b)
@@ -62,7 +67,7 @@ def test_ddim_eta0_is_deterministic(diffusion50):
 
 
 def test_ddpm_reproducible_per_key_and_differs_across_keys(diffusion50):
-  noise = jax.random.normal(jax.random.key(3), SHAPE)
+  noise = _noise(3)
   loop = jax.jit(lambda r: diffusion50.p_sample_loop(_shrink_model, SHAPE, r, noise=noise))
   a, a_again, b = loop(jax.random.key(0)), loop(jax.random.key(0)), loop(jax.random.key(1))
   np.testing.assert_array_equal(a, a_again)
@@ -72,7 +77,7 @@ def test_ddpm_reproducible_per_key_and_differs_across_keys(diffusion50):
 
 
 def test_ddim_and_dpm_ignore_the_variance_half(diffusion50):
-  noise = jax.random.normal(jax.random.key(4), SHAPE)
+  noise = _noise(4)
   oracle_a = _delta_oracle(diffusion50, 0.5 * X_STAR, var_value=-0.9)
   oracle_b = _delta_oracle(diffusion50, 0.5 * X_STAR, var_value=0.7)
   ddim = jax.jit(lambda m: diffusion50.ddim_sample_loop(m, SHAPE, jax.random.key(0), noise=noise),

@@ -13,7 +13,7 @@ from dig_jax.models.dit import Attention, DiTBlock
 from dig_jax.models.gla_attention import GatedLinearAttention
 from dig_jax.models.layers import FinalLayer, SwiGLU, swiglu_inner_size
 from pallas_kernels.gla.gate import low_rank_log_gate
-from tests.models.test_support import build, inputs, randomize_zero_params, tiny_config
+from tests.models.test_support import build, inputs, normal, randomize_zero_params, tiny_config
 
 
 def np_value(var):
@@ -57,9 +57,9 @@ def test_gla_layer_matches_reference(impl, chunk, fused_proj):
                                fused_proj=fused_proj)
   assert (layer.head_k_dim, layer.head_v_dim) == (16, 32)
   # A spread of forget gates (the zero-init bias would give all decays ~0.958).
-  layer.gk_proj_up.bias.set_value(2.0 * jax.random.normal(jax.random.key(1), (32,)))
-  layer.g_norm_swish_gate.weight.set_value(1 + 0.3 * jax.random.normal(jax.random.key(2), (32,)))
-  x = np.asarray(jax.random.normal(jax.random.key(3), (2, 10, 64)))
+  layer.gk_proj_up.bias.set_value(2.0 * normal(1, (32,)))
+  layer.g_norm_swish_gate.weight.set_value(1 + 0.3 * normal(2, (32,)))
+  x = np.asarray(normal(3, (2, 10, 64)))
   got = nnx.jit(lambda m, x: m(x))(layer, jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(np.asarray(got), gla_layer_reference(layer, x.astype(np.float64)),
                              rtol=1e-4, atol=1e-5)
@@ -67,7 +67,7 @@ def test_gla_layer_matches_reference(impl, chunk, fused_proj):
 
 def test_gla_fused_projection_equals_separate_ones_in_bfloat16_and_gate_dtype_switch():
   """One concatenated GEMM gives the four projections exactly as four GEMMs would (same bf16 dot products)."""
-  x = jax.random.normal(jax.random.key(4), (2, 12, 96), jnp.float32)
+  x = normal(4, (2, 12, 96))
   layers = {fused: GatedLinearAttention(96, 3, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, fused_proj=fused)
             for fused in (True, False)}
   fused, separate = (nnx.jit(lambda m, x: m.project_qkvg(x))(layers[f], x) for f in (True, False))
@@ -120,7 +120,7 @@ def test_swiglu_matches_fused_torch_layout():
 
 def test_dit_attention_matches_softmax_attention_with_torch_qkv_layout():
   attn = Attention(64, 4, rngs=nnx.Rngs(0), dtype=jnp.float32, impl="xla")
-  attn.qkv.bias.set_value(0.1 * jax.random.normal(jax.random.key(0), (3, 64)))
+  attn.qkv.bias.set_value(0.1 * normal(0, (3, 64)))
   w_qkv = np_value(attn.qkv.kernel).reshape(64, 192).T  # torch qkv.weight [3D, D]
   b_qkv = np_value(attn.qkv.bias).reshape(192)
   x = np.random.default_rng(1).normal(size=(2, 6, 64))
@@ -135,8 +135,8 @@ def test_dit_attention_matches_softmax_attention_with_torch_qkv_layout():
 
 
 def test_adaln_zero_blocks_are_identity_and_models_output_zero_at_init():
-  tokens = jax.random.normal(jax.random.key(0), (2, 16, 64))
-  c = jax.random.normal(jax.random.key(1), (2, 64))
+  tokens = normal(0, (2, 16, 64))
+  c = normal(1, (2, 64))
   for arch in ("dig", "dit"):
     cfg = tiny_config(arch, stack_blocks=False)  # blocks[0] is a block of its own
     x, t, y = inputs(cfg)
@@ -180,8 +180,8 @@ def _block_vs_formula(block, x, c, grid=None):
 def test_dig_block_follows_the_adaln_formula_in_the_documented_order():
   block = DiGBlock(tiny_config(dwconv="random"), rngs=nnx.Rngs(5), dtype=jnp.float32)
   randomize_zero_params(block, seed=1)
-  x = jax.random.normal(jax.random.key(0), (2, 16, 64))
-  c = jax.random.normal(jax.random.key(1), (2, 64))
+  x = normal(0, (2, 16, 64))
+  c = normal(1, (2, 64))
   got, expected = _block_vs_formula(block, x, c, grid=(4, 4))
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-4)
   assert np.abs(np.asarray(got - x)).max() > 0.1
@@ -189,8 +189,8 @@ def test_dig_block_follows_the_adaln_formula_in_the_documented_order():
 
 def test_dit_block_and_final_layer_modulation_order():
   block = randomize_zero_params(DiTBlock(tiny_config("dit"), rngs=nnx.Rngs(5), dtype=jnp.float32), 2)
-  x = jax.random.normal(jax.random.key(0), (2, 16, 64))
-  c = jax.random.normal(jax.random.key(1), (2, 64))
+  x = normal(0, (2, 16, 64))
+  c = normal(1, (2, 64))
   got, expected = _block_vs_formula(block, x, c)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-4)
 
@@ -208,7 +208,7 @@ def test_gla_fused_gate_is_the_same_layer_off_the_gpu_kernel(gate_dtype):
   """fused_gate=True hands the gate to the op unformed; off the GPU kernels (here: chunked) the op evaluates
   the same formula, so outputs and every parameter gradient equal the unfused layer's; the log gate it
   describes is log_forget_gate's."""
-  x = jax.random.normal(jax.random.key(5), (2, 20, 96), jnp.float32)
+  x = normal(5, (2, 20, 96))
   layers = {f: GatedLinearAttention(96, 3, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, fused_gate=f,
                                     gate_dtype=gate_dtype) for f in (True, False)}
   layers[True].gk_proj_up.bias.set_value(jnp.linspace(-2.0, 2.0, 48))

@@ -7,16 +7,17 @@ import pytest
 from flax import nnx
 
 from dig_jax.models import create_model, model_config_for
-from tests.models.test_support import apply, build, inputs, randomize_zero_params, tiny_config
+from tests.models.test_support import apply, build, inputs, normal, randomize_zero_params, tiny_config
 
 
 def test_dig_s2_forward_and_grad_under_jit():
   cfg = model_config_for("DiG-S/2")
-  model = create_model(cfg, rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # Initialised under one jit: eagerly, every initializer would compile for each of DiG-S/2's own shapes.
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(cfg, rngs=nnx.Rngs(0))))
+  params, rest = jax.jit(lambda: nnx.split(create_model(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[1:])()
   assert "pos_embed" in rest and "pos_embed" not in params
   x, t, y = inputs(cfg)
-  target = jax.random.normal(jax.random.key(7), (2, 32, 32, 8))
+  target = normal(7, (2, 32, 32, 8))
 
   @jax.jit
   def loss_and_grad(params):
@@ -49,7 +50,7 @@ def test_forward_with_cfg_matches_two_plain_forwards():
   cfg = tiny_config()
   model = randomize_zero_params(build(cfg), seed=2)
   x, t, y = inputs(cfg, batch=2)
-  other = jax.random.normal(jax.random.key(9), x.shape)
+  other = normal(9, x.shape)
   x2 = jnp.concatenate([x, other])          # second half is ignored: the first half is used twice
   t2 = jnp.concatenate([t, t])
   y2 = jnp.concatenate([y, jnp.full((2,), cfg.num_classes)])

@@ -9,7 +9,7 @@ from flax import nnx
 from dig_jax.models import dig as dig_module
 from dig_jax.models import srem
 from dig_jax.models.embeddings import unpatchify
-from tests.models.test_support import build, inputs, randomize_zero_params, tiny_config
+from tests.models.test_support import build, inputs, normal, randomize_zero_params, tiny_config
 
 
 @pytest.mark.parametrize("grid", [(4, 4), (2, 3), (3, 5)])
@@ -51,7 +51,7 @@ def test_blocks_see_the_cycle_and_final_layer_sees_raster(monkeypatch):
   cfg = tiny_config(depth=5, input_size=(4, 6), stack_blocks=False)
   model = build(cfg)
   for var in (model.final_layer.linear.kernel, model.final_layer.adaln_modulation.kernel):
-    var.set_value(0.3 * jax.random.normal(jax.random.key(1), var.get_value().shape))
+    var.set_value(0.3 * normal(1, var.get_value().shape))
   x, t, y = inputs(cfg)
   seen = []
   original_call = dig_module.DiGBlock.__call__
@@ -85,7 +85,7 @@ def test_output_is_raster_for_depth_two():
   cfg = tiny_config(depth=2, input_size=(4, 6))
   model = build(cfg)
   for var in (model.final_layer.linear.kernel, model.final_layer.adaln_modulation.kernel):
-    var.set_value(0.3 * jax.random.normal(jax.random.key(2), var.get_value().shape))
+    var.set_value(0.3 * normal(2, var.get_value().shape))
   x, t, y = inputs(cfg)
   graphdef, state = nnx.split(model)
 
@@ -101,7 +101,7 @@ def test_output_is_raster_for_depth_two():
 
 
 def test_identity_dwconv_changes_nothing_and_random_init_does():
-  x = jax.random.normal(jax.random.key(0), (2, 15, 8))
+  x = normal(0, (2, 15, 8))
   conv = srem.DepthwiseConv(8, init="identity", rngs=nnx.Rngs(0), dtype=jnp.float32)
   np.testing.assert_array_equal(np.asarray(conv(x, (3, 5))), np.asarray(x))
   kernel = np.asarray(conv.kernel.get_value())

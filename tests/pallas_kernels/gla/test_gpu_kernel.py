@@ -14,6 +14,7 @@ for the gate gradient).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,17 @@ def _fwd_and_grads(fn, q, k, v, g, do):
   return jax.jit(run)(q, k, v, g, do)
 
 
+@functools.partial(jax.jit, static_argnames="chunk")
+def _reference_fwd_and_grads(q, k, v, g, do, chunk):
+  """The reference's output and gradients (fp32, HIGHEST), one jitted function for the module: tests that
+  check several configs, dtypes or gate ranges on one shape compile it once per shape and chunk, not once per
+  check. (The kernels still compile per call: some tests patch a constant that they read at trace time.)"""
+  def fn(*args):
+    return reference.chunked_gla(*args, chunk_size=chunk, precision=jax.lax.Precision.HIGHEST)
+  o, vjp = jax.vjp(fn, q, k, v, g)
+  return (o, *vjp(do))
+
+
 def _check(shape, dtype, chunk, config, interpret, seed_rng=None, gates=(1e-3, 10.0)):
   rng, seed = seed_rng or fresh_rng()
   b, t, h, dk, dv = shape
@@ -43,8 +55,7 @@ def _check(shape, dtype, chunk, config, interpret, seed_rng=None, gates=(1e-3, 1
   got = _fwd_and_grads(lambda *a: gpu.gla(*a, chunk_size=chunk, interpret=interpret, config=config),
                        q, k, v, g, do)
   up = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g, do)]
-  want = _fwd_and_grads(lambda *a: reference.chunked_gla(*a, chunk_size=chunk or 64,
-                                                         precision=jax.lax.Precision.HIGHEST), *up)
+  want = _reference_fwd_and_grads(*up, chunk=chunk or 64)
   assert got[0].dtype == dtype and got[0].shape == (b, t, h, dv)
   for name, a, r in zip(("o", "dq", "dk", "dv", "dg"), got, want):
     assert a.shape == r.shape, name
@@ -121,6 +132,12 @@ def test_interpret_one_reference_row_where_the_decay_span_allows(monkeypatch):
     run(extreme)
 
 
+# (state_segments asked, grad_version) per dtype: each dtype runs both gradient versions with segments, and
+# between them the 6-segment (8 asked) and 4-segment splits run with the two-kernel gradient. Each interpreted
+# kernel program takes a few seconds to compile on a 2-core CPU, so not every pair runs in both dtypes.
+SEGMENT_RUNS = {jnp.float32: ((8, 2), (4, 1)), jnp.bfloat16: ((4, 2), (4, 1))}
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_interpret_segmented_state_passes(dtype):
   """`state_segments`: the forward and reverse state passes run as parallel segments from zero states, and
@@ -130,7 +147,7 @@ def test_interpret_segmented_state_passes(dtype):
   carry across segment borders."""
   assert [gpu.state_segments(gpu.KernelConfig(state_segments=s), n)
           for s, n in ((8, 12), (4, 12), (8, 196), (16, 784), (4, 13), (1, 64))] == [6, 4, 7, 16, 1, 1]
-  for segments, grad_version in ((4, 2), (8, 2), (4, 1)):
+  for segments, grad_version in SEGMENT_RUNS[dtype]:
     config = gpu.KernelConfig(fused=False, state_segments=segments, grad_version=grad_version)
     _check((1, 192, 2, 16, 32), dtype, 16, config, interpret=True, gates=(1e-3, 0.05))
 
