@@ -38,16 +38,15 @@ def workdir(tmp_path_factory):
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     init = functools.partial(train._init_state, model_config=config.model, tx=tx)  # pylint: disable=W0212
     state = jax.jit(init)(jax.random.key(0))
-  # A non-zero EMA (the fresh model's output layer is zero-initialised), distinct from the params. One jit:
-  # eagerly, the normal draws and adds would compile a few programs per parameter shape.
-  @jax.jit
-  def perturbed(params, key):
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+  # A non-zero EMA (the fresh model's output layer is zero-initialised), distinct from the params, on their
+  # shardings. Drawn with NumPy: eager jax.random draws compile a program per parameter shape, and one jit of
+  # all the draws compiles about as long.
+  rng = np.random.default_rng(1)
 
-  state["ema_params"] = perturbed(state["params"], jax.random.key(1))
+  def perturbed(p):
+    return jax.device_put((np.asarray(p) + 0.05 * rng.standard_normal(p.shape)).astype(p.dtype), p.sharding)
+
+  state["ema_params"] = jax.tree.map(perturbed, state["params"])
   state["step"] = jnp.int32(5)
   with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort())
