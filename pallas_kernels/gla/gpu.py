@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.gla import gpu_gate, gpu_kernels, gpu_mosaic, reference
+from pallas_kernels.gla import gpu_gate, gpu_kernels, gpu_mosaic, reference, segment_join
 from pallas_kernels.gla.gate import LowRankGate
 from pallas_kernels.gla.gpu_kernels import FORWARD_BACKENDS, INTRA_MODES, KernelConfig
 
@@ -260,29 +260,8 @@ class SegmentedStates(NamedTuple):
 
 
 def _join_segments(local: Array, ends: Array, gamma: Array, reverse: bool) -> SegmentedStates:
-  """The parts of a segmented pass's states (XLA on [B, S, H, K, V] and [B, NT, H, K]; S small, unrolled).
-
-  Forward: local[n] holds what chunks a..n-1 of n's segment [a, b) put into h_n; the true h_n adds
-  e^(gamma_a + ... + gamma_{n-1}) * H_a, where H_a (the state entering the segment) = ends[s-1] +
-  e^(segment s-1's total decay) * H of segment s-1. Backward (`reverse`): local[n] = what chunks n+1..b-1 put
-  into D_n; the rest is e^(gamma_{n+1} + ... + gamma_{b-1}) * D_{b-1}, carried from the right likewise.
-  """
-  b, nt, heads, dim_k = local.shape[:4]
-  segments = ends.shape[1]
-  gam = gamma.reshape(b, segments, nt // segments, heads, dim_k)
-  if reverse:
-    decay_in = jnp.flip(jnp.cumsum(jnp.flip(gam, 2), axis=2), 2) - gam  # sum over the later chunks
-    order = range(segments - 2, -1, -1)
-  else:
-    decay_in = jnp.cumsum(gam, axis=2) - gam                             # sum over the earlier chunks
-    order = range(1, segments)
-  total = jnp.exp(jnp.sum(gam, axis=2))[..., None]                       # [B, S, H, K, 1]
-  carries = [None] * segments
-  carries[segments - 1 if reverse else 0] = jnp.zeros_like(ends[:, 0])   # nothing flows into the first one
-  for s in order:
-    src = s + 1 if reverse else s - 1
-    carries[s] = carries[src] * total[:, src] + ends[:, src]
-  return SegmentedStates(local, jnp.stack(carries, axis=1), jnp.exp(decay_in).reshape(b, nt, heads, dim_k))
+  """The parts of a segmented pass's K x V states (`segment_join.join`)."""
+  return SegmentedStates(local, *segment_join.join(ends, gamma, reverse, k_axis=-2))
 
 
 def _states(k, v, g, cfg: KernelConfig):

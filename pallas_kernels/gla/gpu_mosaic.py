@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.gla import gpu_kernels
+from pallas_kernels.gla import gpu_kernels, segment_join
 
 Array = jax.Array
 LOG2E = math.log2(math.e)
@@ -51,14 +51,14 @@ def supported(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype, chunk_s
           and v_shape[-1] == 64 and q_shape[1] % CHUNK == 0)
 
 
-def _check(name: str, qk: Array, v: Array, g: Array) -> None:
-  """q/k [B, T, H, K] and v [B, T, H, V] bf16, g [B, T, H, K] fp32, within `supported`."""
-  ok = (supported(qk.shape, v.shape, qk.dtype, CHUNK) and v.dtype == jnp.bfloat16 and g.dtype == jnp.float32
-        and qk.shape[:3] == v.shape[:3] and g.shape == qk.shape)
+def _check(name: str, v: Array, g: Array, *qk: Array) -> None:
+  """q and k (or k alone) [B, T, H, K] and v [B, T, H, V] bf16, g [B, T, H, K] fp32, within `supported`."""
+  ok = (all(x.shape == g.shape and x.dtype == jnp.bfloat16 for x in qk) and g.dtype == jnp.float32
+        and supported(g.shape, v.shape, v.dtype, CHUNK) and g.shape[:3] == v.shape[:3])
   if not ok:
     raise ValueError(f"gpu_mosaic.{name}: bf16 q/k/v with K in (32, 64), V = 64, T % 64 == 0, and an fp32 "
-                     f"gate of q's shape; got q/k {qk.shape} {qk.dtype}, v {v.shape} {v.dtype}, "
-                     f"g {g.shape} {g.dtype}")
+                     f"gate of q's and k's shape; got q/k {[(x.shape, str(x.dtype)) for x in qk]}, "
+                     f"v {v.shape} {v.dtype}, g {g.shape} {g.dtype}")
 
 
 def _swizzle(width: int, dtype) -> int:
@@ -79,6 +79,10 @@ def _exp(x: Array) -> Array:
   return jnp.exp2(x * LOG2E)
 
 
+def _zeros(shape: tuple[int, int]) -> Array:
+  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), WGMMA)
+
+
 def _rows_broadcast(vector: Array, shape: tuple[int, int]) -> Array:
   return jax.lax.broadcast_in_dim(vector, shape, (1,))
 
@@ -97,7 +101,7 @@ def state_pass(k: Array, v: Array, g: Array, segments: int = 1) -> TransposedSta
   """Every chunk's entering state, in `segments` (a divisor of the chunk count) run in parallel."""
   batch, tokens, heads, dim_k = k.shape
   dim_v = v.shape[-1]
-  _check("state_pass", k, v, g)
+  _check("state_pass", v, g, k)
   c, nt = CHUNK, tokens // CHUNK
   if nt % segments:
     raise ValueError(f"segments ({segments}) must divide the chunk count ({nt})")
@@ -130,7 +134,7 @@ def state_pass(k: Array, v: Array, g: Array, segments: int = 1) -> TransposedSta
                   plgpu.BlockSpec((None, dim_k), lambda i: (i, 0))],
         out_specs=[plgpu.BlockSpec((None, dim_v, dim_k), lambda i: (i, 0, 0),
                                    transforms=_transforms(sw, jnp.bfloat16))],
-        init_carry=plgpu.layout_cast(jnp.zeros((dim_v, dim_k), jnp.float32), WGMMA))
+        init_carry=_zeros((dim_v, dim_k)))
     end = pipeline(k_gmem.at[b, rows, h], v_gmem.at[b, rows, h], g_gmem.at[b, rows, h],
                    gamma_gmem.at[b, chunks, h], hs_gmem.at[b, chunks, h])
     end_s[...] = end
@@ -148,23 +152,11 @@ def state_pass(k: Array, v: Array, g: Array, segments: int = 1) -> TransposedSta
 
 
 def _join(local: Array, ends: Array, gamma: Array) -> TransposedStates:
-  """The carries and decays of a segmented pass (XLA, small): `gpu._join_segments` (forward), transposed."""
-  b, nt, heads, dim_k = gamma.shape
-  segments = ends.shape[1]
-  gam = gamma.reshape(b, segments, nt // segments, heads, dim_k)
-  decay_in = jnp.cumsum(gam, axis=2) - gam
-  total = jnp.exp(jnp.sum(gam, axis=2))[:, :, :, None, :]               # [B, S, H, 1, K]
-  carries = [jnp.zeros_like(ends[:, 0])]
-  for s in range(1, segments):
-    carries.append(carries[-1] * total[:, s - 1] + ends[:, s - 1])
-  return TransposedStates(local, jnp.stack(carries, axis=1), jnp.exp(decay_in).reshape(b, nt, heads, dim_k))
+  """The parts of a segmented pass's transposed (V x K) states (`segment_join.join`, forward)."""
+  return TransposedStates(local, *segment_join.join(ends, gamma, reverse=False, k_axis=-1))
 
 
 # -------------------------------------------------------------------------------------------- output pass
-
-
-def _zeros(shape: tuple[int, int]) -> Array:
-  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), WGMMA)
 
 
 def _score_product(qt_s, kt_s, q_factor: Array, k_factor: Array) -> Array:
@@ -236,9 +228,7 @@ def out_pass(q: Array, k: Array, v: Array, g: Array, states: Array | TransposedS
   chunk's decay span exceeds SPAN_LIMIT): only for measuring what the fallback costs."""
   batch, tokens, heads, dim_k = q.shape
   dim_v = v.shape[-1]
-  _check("out_pass", q, v, g)
-  if k.dtype != q.dtype or k.shape != q.shape:
-    raise ValueError(f"gpu_mosaic.out_pass: k must match q; got k {k.shape} {k.dtype}, q {q.shape} {q.dtype}")
+  _check("out_pass", v, g, q, k)
   c = CHUNK
   transposed = isinstance(states, TransposedStates)
   state_ops = tuple(states) if transposed else (states,)
