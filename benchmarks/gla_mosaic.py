@@ -5,9 +5,10 @@ Run on the GPU machine: ``python -m benchmarks.gla_mosaic [--shapes "8,12544,6,3
 [--segments "1,2,4"] [--no_fallback]``.
 
 For each shape (bf16, DiG's gates log-sigmoid(2 N(0, 1)) / 16), with G the chunk-local cumsum (XLA):
-- ``state``: the state pass alone, Triton (`gpu._states`, tuned tiles and segments) vs Mosaic (same segments);
+- ``state``: the state pass alone, Triton (`gpu._states`, tuned tiles and segments) vs Mosaic (the segments
+  `gpu` runs it with, `gpu.mosaic_segments`);
 - ``out``: the output pass alone, on the same [K, V] states (Triton's, joined when segmented);
-- ``fwd``: state pass + output pass from G, Triton as the op runs it vs Mosaic with the tuned segment count
+- ``fwd``: state pass + output pass from G, Triton as the op runs it vs Mosaic with `gpu`'s segment count
   and each of ``--segments`` (``--no_fallback``: also Mosaic without the in-kernel level scheme, to measure
   what that costs; wrong for strong gates);
 - ``op``: the op's forward from the raw log gate (XLA's cumsum included), `gpu.gla` with the Triton forward
@@ -32,7 +33,6 @@ from pallas_kernels.gla import gpu, gpu_mosaic, reference
 DEFAULT_SHAPES = ((8, 12544, 6, 32, 64), (2, 12544, 6, 32, 64), (8, 4096, 6, 32, 64), (32, 256, 6, 32, 64),
                   (8, 12544, 6, 64, 64))
 CHUNK = gpu_mosaic.CHUNK
-NO_FALLBACK = False   # --no_fallback: also the Mosaic forward without the level scheme (to measure its cost)
 
 
 def _config(q, v) -> gpu.KernelConfig:
@@ -51,17 +51,18 @@ def output_passes(cfg: gpu.KernelConfig) -> dict:
           "mosaic": lambda q, k, v, g, hs: gpu_mosaic.out_pass(q, k, v, g, hs, scale=cfg.scale)}
 
 
-def forwards(cfg: gpu.KernelConfig, num_chunks: int, extra_segments: tuple[int, ...]) -> dict:
+def forwards(cfg: gpu.KernelConfig, mosaic_segments: int, num_chunks: int, extra_segments: tuple[int, ...],
+             no_fallback: bool = False) -> dict:
   """name -> f(q, k, v, g) -> o: the whole forward from G (state pass + output pass), Triton as the op runs
-  it (tuned tiles, segments joined inside the output kernel) and Mosaic with the same segment count (and
-  with each of `extra_segments` that divides the chunk count)."""
-  tuned = gpu.state_segments(cfg, num_chunks)
+  it (tuned tiles, segments joined inside the output kernel) and Mosaic with `mosaic_segments` (and with each
+  of `extra_segments` that divides the chunk count; `no_fallback`: also without the level scheme)."""
+  tuned = mosaic_segments
   out = {"triton": lambda q, k, v, g: gpu._two_pass_forward(q, k, v, g, cfg)[0]}
   for s in dict.fromkeys((tuned,) + tuple(extra_segments)):
     if num_chunks % s == 0:
       out[f"mosaic_s{s}"] = lambda q, k, v, g, s=s: gpu_mosaic.forward(q, k, v, g, scale=cfg.scale,
                                                                           segments=s)
-  if NO_FALLBACK:
+  if no_fallback:
     out[f"nofallback_s{tuned}"] = lambda q, k, v, g: gpu_mosaic.forward(
         q, k, v, g, scale=cfg.scale, segments=tuned, levels_fallback=False)
   return out
@@ -77,7 +78,8 @@ def op_floor_bytes(b, t, h, dk, dv) -> int:
   return b * t * h * (2 * (2 * dk + 2 * dv) + 4 * dk)
 
 
-def bench_shape(shape: tuple[int, ...], bandwidth: float, extra_segments: tuple[int, ...]) -> dict:
+def bench_shape(shape: tuple[int, ...], bandwidth: float, extra_segments: tuple[int, ...],
+                no_fallback: bool = False) -> dict:
   b, t, h, dk, dv = shape
   sets = []
   for seed in range(3):
@@ -89,15 +91,15 @@ def bench_shape(shape: tuple[int, ...], bandwidth: float, extra_segments: tuple[
   row: dict = dict(shape=dict(zip(("B", "T", "H", "K", "V"), shape)), ms={}, errors={},
                    out_floor_ms=1e3 * out_pass_bytes(*shape) / bandwidth,
                    op_floor_ms=1e3 * op_floor_bytes(*shape) / bandwidth,
-                   segments=gpu.state_segments(cfg, t // CHUNK))
+                   segments=gpu.state_segments(cfg, t // CHUNK),
+                   mosaic_segments=gpu.mosaic_segments(b * h, t // CHUNK))
   q, k, v, g, log_gate = sets[0]
   ref = jax.jit(lambda *a: reference.chunked_gla(*a, chunk_size=CHUNK, precision=jax.lax.Precision.HIGHEST))(
       *(x.astype(jnp.float32) for x in (q, k, v)), log_gate)
   hs_sets = [states(*s[:4]) for s in sets]
   err = lambda o: rel_err(o.astype(jnp.float32), ref)
-  segs = gpu.state_segments(cfg, t // CHUNK)
   state_passes = {"triton": lambda q, k, v, g: gpu._states(k, v, g, cfg),
-                  "mosaic": lambda q, k, v, g: gpu_mosaic.state_pass(k, v, g, segs)}
+                  "mosaic": lambda q, k, v, g: gpu_mosaic.state_pass(k, v, g, row["mosaic_segments"])}
   for name, fn in state_passes.items():
     row["ms"][f"state_{name}"] = 1e3 * time_calls(jax.jit(fn), [s[:4] for s in sets], jax_sync)
   for name, out in output_passes(cfg).items():
@@ -105,7 +107,7 @@ def bench_shape(shape: tuple[int, ...], bandwidth: float, extra_segments: tuple[
     row["ms"][f"out_{name}"] = 1e3 * time_calls(out_j, [s[:4] + (hs,) for s, hs in zip(sets, hs_sets)],
                                                  jax_sync)
     row["errors"][f"out_{name}"] = err(out_j(*sets[0][:4], hs_sets[0]))
-  for name, fwd in forwards(cfg, t // CHUNK, extra_segments).items():
+  for name, fwd in forwards(cfg, row["mosaic_segments"], t // CHUNK, extra_segments, no_fallback).items():
     fwd_j = jax.jit(fwd)
     row["ms"][f"fwd_{name}"] = 1e3 * time_calls(fwd_j, [s[:4] for s in sets], jax_sync)
     row["errors"][f"fwd_{name}"] = err(fwd_j(*sets[0][:4]))
@@ -147,14 +149,13 @@ def main() -> None:
   parser.add_argument("--segments", default="1,2,4,8,16", help="extra segment counts for the Mosaic forward")
   args = parser.parse_args()
   shapes = parse_shapes(args.shapes, DEFAULT_SHAPES)
-  global NO_FALLBACK
-  NO_FALLBACK = args.no_fallback
   result = dict(env=env_info(), copy_bandwidth=copy_bandwidth(), timings=[])
   log(f"copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s")
   path = result_path(args.out, "gla_mosaic", result["env"]["device"], args.tag)
   extra = tuple(int(x) for x in args.segments.split(",") if x)
-  run_shapes(shapes, lambda shape: bench_shape(shape, result["copy_bandwidth"], extra), result, path,
-             print_table)
+  run_shapes(shapes, lambda shape: bench_shape(shape, result["copy_bandwidth"], extra, args.no_fallback),
+             result, path, print_table)
+
 
 if __name__ == "__main__":
   main()

@@ -31,14 +31,15 @@ def test_gla_mosaic_benchmark_writes_table_and_json(monkeypatch, tmp_path, capsy
   monkeypatch.setattr(gla_mosaic, "time_calls",
                       lambda fn, sets, sync: calls.append(sync(fn(*sets[0]))) or 1e-3)
   monkeypatch.setattr(sys, "argv", ["gla_mosaic", "--out", str(tmp_path), "--shapes",
-                                    "1,128,2,32,64;1,100,2,32,64", "--segments", "2", "--no_fallback",
+                                    "1,128,2,32,64;1,100,2,32,64", "--segments", "1", "--no_fallback",
                                     "--tag", "cpu_test"])
   gla_mosaic.main()
   result = json.loads((tmp_path / "gla_mosaic_cpu_cpu_test.json").read_text())
   (row,) = result["timings"]
   assert row["shape"] == dict(B=1, T=128, H=2, K=32, V=64)
   assert set(row["ms"]) == {"state_triton", "state_mosaic", "out_triton", "out_mosaic", "fwd_triton",
-                            "fwd_mosaic_s1", "fwd_mosaic_s2", "fwd_nofallback_s1", "op_triton", "op_mosaic"}
+                            "fwd_mosaic_s1", "fwd_mosaic_s2", "fwd_nofallback_s2", "op_triton", "op_mosaic"}
+  assert (row["segments"], row["mosaic_segments"]) == (1, 2)   # Triton's rule, and gpu.mosaic_segments
   assert len(calls) == len(row["ms"])
   assert max(row["errors"].values()) < 2e-2       # bf16 inputs; the stand-in is the reference itself
   (failure,) = result["failures"]                 # T = 100 is not a whole number of chunks
