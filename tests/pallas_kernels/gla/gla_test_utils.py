@@ -1,13 +1,16 @@
 """Shared helpers for the GLA tests: random inputs with log-uniform gates, a float64 oracle, an H100 target."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 
 def fresh_rng() -> tuple[np.random.Generator, int]:
-  """A new generator per test run (fresh inputs every run); the seed goes into assertion messages."""
-  seed = int(np.random.SeedSequence().entropy % (2**31))
+  """A new generator per test run (fresh inputs every run); the seed goes into assertion messages and
+  GLA_TEST_SEED=<seed> in the environment replays it."""
+  seed = int(os.environ.get("GLA_TEST_SEED") or np.random.SeedSequence().entropy % (2**31))
   return np.random.default_rng(seed), seed
 
 

@@ -169,4 +169,7 @@ def test_sharded_fused_gate_equals_unsharded_values_and_gradients():
     got = grad_fn(*args)
   np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5, err_msg=str(seed))
   for i, (a, b) in enumerate(zip(got[1], want[1])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=f"{i} {seed}")
+    # The absolute part scales with the gradient: W_down's is a sum over the shards of terms ~1e2 whose
+    # fp32 rounding (~1e-5) shows in its near-zero entries (seed 1667189283: 1.5e-5 off at -0.0198).
+    atol = max(1e-5, 1e-6 * float(np.abs(np.asarray(b)).max()))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=atol, err_msg=f"{i} {seed}")
