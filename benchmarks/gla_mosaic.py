@@ -11,9 +11,11 @@ For each shape (bf16, DiG's gates log-sigmoid(2 N(0, 1)) / 16), with G the chunk
 - ``fwd``: state pass + output pass from G, Triton as the op runs it vs Mosaic with `gpu`'s segment count
   and each of ``--segments`` (``--no_fallback``: also Mosaic without the in-kernel level scheme, to measure
   what that costs; wrong for strong gates);
-- ``op``: the op's forward from the raw log gate (XLA's cumsum included), `gpu.gla` with the Triton forward
-  vs the cumsum + Mosaic forward with its best segment count, against issue #4's floor (512 B per
-  token-head at 32/64 over the copy bandwidth measured in the same run);
+- ``op``: the op's forward from the raw log gate, `gpu.gla` with the Triton forward (XLA's cumsum, then the
+  kernels) vs `gpu.gla` as tuned (``op_mosaic``: the Mosaic forward, whose state pass forms G from the log
+  gate where it runs >= 2 segments) and XLA's cumsum + the Mosaic forward from G with its best segment
+  count (``op_mosaic_xla_cumsum``), against issue #4's floor (512 B per token-head at 32/64 over the copy
+  bandwidth measured in the same run);
 median of back-to-back calls after warm-up (`bench_common.time_calls`, three rotating input sets), and each
 output's relative error against the fp32 reference (`reference.chunked_gla` on the same bf16-rounded inputs,
 HIGHEST precision). Prints a table and writes ``gla_mosaic_<card>.json``.
@@ -117,13 +119,14 @@ def bench_shape(shape: tuple[int, ...], bandwidth: float, extra_segments: tuple[
   triton_cfg = dataclasses.replace(gpu.tuned_config(q.shape, v.shape, CHUNK, q.dtype),
                                    forward_backend="triton")
   ops = {"triton": jax.jit(lambda q, k, v, lg: gpu.gla(q, k, v, lg, chunk_size=CHUNK, config=triton_cfg)),
-         "mosaic": jax.jit(lambda q, k, v, lg: gpu_mosaic.forward(
+         "mosaic_xla_cumsum": jax.jit(lambda q, k, v, lg: gpu_mosaic.forward(
              q, k, v, reference.chunk_local_cumsum(lg, CHUNK, cfg.gate_cumsum), scale=cfg.scale,
-             segments=seg))}
+             segments=seg)),
+         "mosaic": jax.jit(lambda q, k, v, lg: gpu.gla(q, k, v, lg, chunk_size=CHUNK))}  # tuned: Mosaic
   for name, op in ops.items():
     row["ms"][f"op_{name}"] = 1e3 * time_calls(op, [s[:3] + (s[4],) for s in sets], jax_sync)
     row["errors"][f"op_{name}"] = err(op(q, k, v, log_gate))
-  row["op_mosaic_segments"] = seg
+  row["op_mosaic_xla_cumsum_segments"] = seg
   log(json.dumps(row))
   return row
 

@@ -63,7 +63,9 @@ def cell(model: str, px: int, precision: str, *, batch: int | None = None, atten
   GEMM from 4096 tokens up since session 6); diag="intra_levels": the GPU GLA kernels' intra-chunk scores
   always through the levels (before session 7: no one-reference-row path); diag="state_s6" / "state_s7": the
   state passes tiled as `gpu.tuned_config` tiled them for few (batch, head) pairs before session 7 / in
-  session 7 ((16, 32) K x V tiles, unsegmented / 8 segments), instead of session 8's whole states.
+  session 7 ((16, 32) K x V tiles, unsegmented / 8 segments), instead of session 8's whole states;
+  diag="forward_triton": forwards without a gradient (the sampling forward) on the Pallas-Triton GLA kernels
+  instead of the Mosaic GPU ones `gpu.tuned_config` takes from 4096 tokens (session 11).
   Upper bounds of what fusing DiG's own ops could save (diagnostics that change the model, not settings):
   diag="no_forget_gate": a constant log gate (log(1/2)/16, tied to x without a gradient: a constant gate let
   XLA's constant folding run past the cell's time limit) instead of the low-rank projections, logsigmoid and
@@ -124,7 +126,8 @@ STEP_DIAGNOSTICS = ("nonorm", "norms_every_step", "flat_optim", "no_barrier")
 MODEL_DIAGNOSTICS = ("no_forget_gate", "no_output_gate", "lean", "no_gla_op")
 DIAG_KERNEL_OVERRIDES = {"gate_cumsum_scan": dict(gate_cumsum="scan"), "intra_levels": dict(intra="levels"),
                          "state_s6": dict(state_block_k=16, state_block_v=32, state_segments=1),
-                         "state_s7": dict(state_block_k=16, state_block_v=32, state_segments=8)}
+                         "state_s7": dict(state_block_k=16, state_block_v=32, state_segments=8),
+                         "forward_triton": dict(forward_backend="triton")}
 
 
 def extra_cells(spec: str) -> list[dict[str, Any]]:

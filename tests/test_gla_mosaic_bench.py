@@ -38,7 +38,8 @@ def test_gla_mosaic_benchmark_writes_table_and_json(monkeypatch, tmp_path, capsy
   (row,) = result["timings"]
   assert row["shape"] == dict(B=1, T=128, H=2, K=32, V=64)
   assert set(row["ms"]) == {"state_triton", "state_mosaic", "out_triton", "out_mosaic", "fwd_triton",
-                            "fwd_mosaic_s1", "fwd_mosaic_s2", "fwd_nofallback_s2", "op_triton", "op_mosaic"}
+                            "fwd_mosaic_s1", "fwd_mosaic_s2", "fwd_nofallback_s2", "op_triton", "op_mosaic",
+                            "op_mosaic_xla_cumsum"}
   assert (row["segments"], row["mosaic_segments"]) == (1, 2)   # Triton's rule, and gpu.mosaic_segments
   assert len(calls) == len(row["ms"])
   assert max(row["errors"].values()) < 2e-2       # bf16 inputs; the stand-in is the reference itself

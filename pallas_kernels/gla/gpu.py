@@ -20,7 +20,8 @@ the kernels that read the states add it as they load them (`SegmentedStates`, se
 A forward without a gradient (sampling, evaluation) of a supported shape (bf16, chunk 64, K 32/64, V 64) from
 MOSAIC_FORWARD_MIN_TOKENS tokens runs `gpu_mosaic`'s Mosaic GPU kernels instead
 (`KernelConfig.forward_backend`; session 11: that forward 1.4x faster at B8 T12544); the VJP's forward saves
-the Triton states for the backward.
+the Triton states for the backward. There, with >= 2 state segments, `gla` skips XLA's cumsum: the Mosaic
+state pass forms G from the log gate and writes it for the output pass (`gla_chunked_log_gate`, session 12).
 
 `interpret=True` runs the same kernel bodies through Pallas' interpreter (CPU tests); Triton's rules
 (power-of-two blocks, dot dims >= 16) still shape the code even where the interpreter would not enforce them.
@@ -363,10 +364,13 @@ def uses_mosaic_forward(q: Array, v: Array, cfg: KernelConfig) -> bool:
           and gpu_mosaic.supported(q.shape, v.shape, jnp.promote_types(q.dtype, v.dtype), cfg.chunk_size))
 
 
+def _mosaic_segments(q: Array, cfg: KernelConfig) -> int:
+  return mosaic_segments(q.shape[0] * q.shape[2], q.shape[1] // cfg.chunk_size)
+
+
 def _forward(q, k, v, g, cfg: KernelConfig, save_states: bool):
   if not save_states and uses_mosaic_forward(q, v, cfg):
-    segments = mosaic_segments(q.shape[0] * q.shape[2], q.shape[1] // cfg.chunk_size)
-    return gpu_mosaic.forward(q, k, v, g, scale=cfg.scale, segments=segments), None
+    return gpu_mosaic.forward(q, k, v, g, scale=cfg.scale, segments=_mosaic_segments(q, cfg)), None
   if cfg.fused:
     return _fused_forward(q, k, v, g, cfg, save_states)
   return _two_pass_forward(q, k, v, g, cfg)
@@ -394,6 +398,37 @@ def _vjp_bwd(cfg, residuals, do):
 
 
 gla_chunked_g.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def _gate_cumsum(log_gate: Array, cfg: KernelConfig) -> Array:
+  return reference.chunk_local_cumsum(log_gate, cfg.chunk_size, cfg.gate_cumsum)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def gla_chunked_log_gate(q: Array, k: Array, v: Array, log_gate: Array, cfg: KernelConfig) -> Array:
+  """`gla_chunked_g` from the chunk-padded fp32 log gate: XLA's chunk-local cumsum, then the kernels. A
+  forward without a gradient on the Mosaic path (`uses_mosaic_forward`) with two or more state segments
+  has its state pass form G and write it for the output pass instead (`gpu_mosaic.state_pass_from_log_gate`,
+  session 12: no cumsum pass). The VJP is `gla_chunked_g`'s through the cumsum."""
+  if uses_mosaic_forward(q, v, cfg):
+    segments = _mosaic_segments(q, cfg)
+    if segments >= gpu_mosaic.MIN_SEGMENTS_FROM_LOG_GATE:
+      return gpu_mosaic.forward(q, k, v, log_gate, scale=cfg.scale, segments=segments, raw_gate=True)
+  return gla_chunked_g(q, k, v, _gate_cumsum(log_gate, cfg), cfg)
+
+
+def _log_gate_vjp_fwd(q, k, v, log_gate, cfg):
+  return _vjp_fwd(q, k, v, _gate_cumsum(log_gate, cfg), cfg)
+
+
+def _log_gate_vjp_bwd(cfg, residuals, do):
+  dq, dk, dv, dg = _vjp_bwd(cfg, residuals, do)
+  (d_log_gate,) = jax.linear_transpose(lambda x: _gate_cumsum(x, cfg),
+                                       jax.ShapeDtypeStruct(dg.shape, jnp.float32))(dg)
+  return dq, dk, dv, d_log_gate
+
+
+gla_chunked_log_gate.defvjp(_log_gate_vjp_fwd, _log_gate_vjp_bwd)
 
 
 def _prepare(q, k, v, chunk_size, scale, interpret, config):
@@ -428,9 +463,8 @@ def gla(q: Array, k: Array, v: Array, log_gate: Array, *, chunk_size: int | None
   """
   reference._check_shapes(q, k, v, log_gate, None)
   (qp, kp, vp), cfg = _prepare(q, k, v, chunk_size, scale, interpret, config)
-  c = cfg.chunk_size
-  g = reference.chunk_local_cumsum(reference.pad_to_chunks(log_gate, c), c, cfg.gate_cumsum)
-  return gla_chunked_g(qp, kp, vp, g, cfg)[:, :q.shape[1]].astype(v.dtype)
+  log_gate = reference.pad_to_chunks(log_gate.astype(jnp.float32), cfg.chunk_size)
+  return gla_chunked_log_gate(qp, kp, vp, log_gate, cfg)[:, :q.shape[1]].astype(v.dtype)
 
 
 def low_rank_gate_supported(gate: LowRankGate, q_shape: tuple[int, ...], chunk_size: int | None) -> bool:

@@ -14,7 +14,9 @@ a chunk's last row, m the chunk's middle row):
   entering every chunk (bf16) and the segment's end state (fp32). The accumulator is the state transposed,
   h^T [V, K], so that the update h^T <- h^T e^gamma + v^T (k e^(gamma - G)) is a wgmma with M = V = 64 (wgmma
   needs M % 64 == 0; DiG's K = 32 is not). Segments: `gpu.SegmentedStates`' scheme (their join is folded into
-  the output pass).
+  the output pass). `state_pass_from_log_gate` (session 12) reads the log gate instead of G, forms G and gamma
+  with exact bf16-part wgmmas (`_gate_sums`) and writes G for the output pass, so that the op's forward has
+  no XLA cumsum pass (>= 2 segments only, `MIN_SEGMENTS_FROM_LOG_GATE`).
 - `out_pass`: grid (batch, head, chunk);
       o = scale * ((q e^G) h_n + mask_{r >= c}[A] v),
   the inter-chunk product a bf16 wgmma, the intra-chunk scores A as in `gpu_kernels._scores` (`_scores`
@@ -43,6 +45,10 @@ CHUNK = 64
 WGMMA = plgpu.Layout.WGMMA
 ROW_VECTOR = plgpu.Layout.WGMMA.reduce(0)   # a [cols] vector that broadcasts along the rows of a WGMMA tile
 SPAN_LIMIT = gpu_kernels.SPAN_LIMIT
+# `state_pass_from_log_gate` needs this many segments: with one segment, the G it wrote was wrong in half the
+# rows (the second 8-row half of each warp's 16) of the first chunk on an H200 (session 12, K = 32; not
+# understood: the same kernel with 2-100 chunks per segment in >= 2 segments wrote G exactly).
+MIN_SEGMENTS_FROM_LOG_GATE = 2
 
 
 def supported(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype, chunk_size: int) -> bool:
@@ -94,11 +100,74 @@ class TransposedStates(NamedTuple):
   decay: Array   # [B, NT, H, K] fp32: e^(sum of the log decays between the segment's start and chunk n)
 
 
+def _iotas(shape: tuple[int, int]) -> tuple[Array, Array]:
+  return tuple(plgpu.broadcasted_iota(jnp.int32, shape, d, layout=WGMMA) for d in (0, 1))
+
+
+def _store_bf16_parts(x: Array, parts: tuple) -> None:
+  """x (fp32) as three bf16 SMEM tiles whose sum is x to fp32 precision (8 + 8 + 8 mantissa bits): a 0/1
+  matrix times the parts in bf16 wgmmas (exact products, fp32 accumulation) then sums rows of x exactly.
+  Starts with a warpgroup barrier: the tiles may be ones whose values every thread has just loaded."""
+  plgpu.commit_smem()
+  hi = x.astype(jnp.bfloat16)
+  rest = x - hi.astype(jnp.float32)
+  mid = rest.astype(jnp.bfloat16)
+  for part_s, part in zip(parts, (hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16))):
+    part_s[...] = part
+  plgpu.commit_smem()
+
+
+def _select_rows(matrix, parts: tuple, shape: tuple[int, int]) -> Array:
+  """matrix [C, C] (0/1, bf16; registers or an SMEM tile) times the x whose bf16 parts are in `parts`,
+  fp32 [C, K]."""
+  def product(acc):
+    for part_s in parts:
+      plgpu.wgmma(acc, matrix, part_s)
+  return pl.run_state(product)(plgpu.ACC.init(_zeros(shape)))
+
+
+def _ones_up_to(column: Array | int) -> Array:
+  """[C, C] bf16 0/1 matrix with ones where col <= `column` (an int, or the row index for the lower
+  triangle): times a tile x (`_select_rows`) it gives x's inclusive cumsum down to that row in every row."""
+  _, col = _iotas((CHUNK, CHUNK))
+  return jnp.where(col <= column, 1.0, 0.0).astype(jnp.bfloat16)
+
+
+def _gate_sums(log_gate: Array, parts: tuple, selectors: tuple) -> list[Array]:
+  """In-kernel sums of a raw log gate tile [C, K] (Mosaic GPU has no cumsum lowering): each of `selectors`
+  (SMEM tiles of `_ones_up_to` matrices) times the gate, fp32 [C, K], through the gate's exact bf16 parts.
+  With the lower triangle: G, the chunk-local cumsum; with all ones: gamma, the chunk's total, in every row.
+  The selectors sit in SMEM, written once per kernel: built in registers as the wgmma's A operand (as the
+  output pass's levels do), the first chunk's G came out wrong in some rows on the H100 and H200 (session
+  12, not understood)."""
+  _store_bf16_parts(log_gate, parts)
+  return [_select_rows(selector, parts, log_gate.shape) for selector in selectors]
+
+
 # --------------------------------------------------------------------------------------------- state pass
 
 
 def state_pass(k: Array, v: Array, g: Array, segments: int = 1) -> TransposedStates:
-  """Every chunk's entering state, in `segments` (a divisor of the chunk count) run in parallel."""
+  """Every chunk's entering state from G (the chunk-local cumulative log gate), in `segments` (a divisor of
+  the chunk count) run in parallel."""
+  local, ends = _state_kernel(k, v, g, segments, raw_gate=False)
+  return _join(local, ends, g[:, CHUNK - 1::CHUNK])
+
+
+def state_pass_from_log_gate(k: Array, v: Array, log_gate: Array,
+                             segments: int = 1) -> tuple[TransposedStates, Array]:
+  """`state_pass` from the (chunk-padded) log gate itself: the kernel forms G (`_gate_sums`) and writes it
+  for the output pass, so that no cumsum pass runs before the kernels. Returns (states, G). Needs
+  `segments` >= MIN_SEGMENTS_FROM_LOG_GATE."""
+  if segments < MIN_SEGMENTS_FROM_LOG_GATE:
+    raise ValueError(f"gpu_mosaic.state_pass_from_log_gate needs >= {MIN_SEGMENTS_FROM_LOG_GATE} segments "
+                     f"(got {segments}; see MIN_SEGMENTS_FROM_LOG_GATE): form G with XLA and call state_pass")
+  local, ends, g = _state_kernel(k, v, log_gate, segments, raw_gate=True)
+  return _join(local, ends, g[:, CHUNK - 1::CHUNK]), g
+
+
+def _state_kernel(k: Array, v: Array, g: Array, segments: int, raw_gate: bool) -> tuple[Array, ...]:
+  """The state pass's kernel: (local states, segment end states), and with `raw_gate` (g the log gate) G."""
   batch, tokens, heads, dim_k = k.shape
   dim_v = v.shape[-1]
   _check("state_pass", v, g, k)
@@ -106,49 +175,71 @@ def state_pass(k: Array, v: Array, g: Array, segments: int = 1) -> TransposedSta
   if nt % segments:
     raise ValueError(f"segments ({segments}) must divide the chunk count ({nt})")
   per_seg = nt // segments
-  gamma = g[:, c - 1::c]                                      # [B, NT, H, K]
   sw = _swizzle(dim_k, jnp.bfloat16)                          # v^T and k~ are one wgmma's operands
+  g_transforms = _transforms(_swizzle(dim_k, jnp.float32), jnp.float32)
 
-  def body(k_gmem, v_gmem, g_gmem, gamma_gmem, hs_gmem, end_gmem, kd_s, end_s):
+  def body(*refs):
+    if raw_gate:
+      k_gmem, v_gmem, g_gmem, hs_gmem, end_gmem, g_out_gmem, kd_s, end_s, lower_s, ones_s, *parts = refs
+      lower_s[...] = _ones_up_to(_iotas((c, c))[0])
+      ones_s[...] = _ones_up_to(c - 1)
+      plgpu.commit_smem()
+    else:
+      k_gmem, v_gmem, g_gmem, gamma_gmem, hs_gmem, end_gmem, kd_s, end_s = refs
     b, h, s = jax.lax.axis_index("b"), jax.lax.axis_index("h"), jax.lax.axis_index("s")
     rows, chunks = pl.ds(s * per_seg * c, per_seg * c), pl.ds(s * per_seg, per_seg)
 
-    def step(_, k_s, v_s, g_s, gamma_s, h_out_s, acc):
+    def step(_, k_s, v_s, g_s, *refs):
+      *io_s, acc = refs
+      if raw_gate:               # G and gamma (in every row) from the raw gate; dim_v == C, so one shape
+        h_out_s, g_out_s = io_s
+        gate, gam_rows = _gate_sums(g_s[...], parts, (lower_s, ones_s))
+        g_out_s[...] = gate
+      else:
+        gamma_s, h_out_s = io_s
+        gate = g_s[...]
+        gam_rows = _rows_broadcast(plgpu.load(gamma_s, layout=ROW_VECTOR), (c, dim_k))
       h_out_s[...] = acc.astype(h_out_s.dtype)               # the state entering this chunk
-      gam = plgpu.load(gamma_s, layout=ROW_VECTOR)
-      kd_s[...] = (k_s[...].astype(jnp.float32) * _exp(_rows_broadcast(gam, (c, dim_k)) - g_s[...])
-                   ).astype(kd_s.dtype)
+      kd_s[...] = (k_s[...].astype(jnp.float32) * _exp(gam_rows - gate)).astype(kd_s.dtype)
       plgpu.commit_smem()
-      acc = acc * _rows_broadcast(_exp(gam), (dim_v, dim_k))
+      acc = acc * _exp(gam_rows)                              # [V, K] with V == C (`supported`)
 
       def update(acc_ref):
         plgpu.wgmma(acc_ref, v_s.transpose((1, 0)), kd_s)
       return pl.run_state(update)(plgpu.ACC.init(acc))
 
-    pipeline = plgpu.emit_pipeline(
-        step, grid=(per_seg,), max_concurrent_steps=2,
-        in_specs=[plgpu.BlockSpec((c, dim_k), lambda i: (i, 0), transforms=_transforms(sw, jnp.bfloat16)),
-                  plgpu.BlockSpec((c, dim_v), lambda i: (i, 0), transforms=_transforms(sw, jnp.bfloat16)),
-                  plgpu.BlockSpec((c, dim_k), lambda i: (i, 0),
-                                  transforms=_transforms(_swizzle(dim_k, jnp.float32), jnp.float32)),
-                  plgpu.BlockSpec((None, dim_k), lambda i: (i, 0))],
-        out_specs=[plgpu.BlockSpec((None, dim_v, dim_k), lambda i: (i, 0, 0),
-                                   transforms=_transforms(sw, jnp.bfloat16))],
-        init_carry=_zeros((dim_v, dim_k)))
-    end = pipeline(k_gmem.at[b, rows, h], v_gmem.at[b, rows, h], g_gmem.at[b, rows, h],
-                   gamma_gmem.at[b, chunks, h], hs_gmem.at[b, chunks, h])
-    end_s[...] = end
+    in_specs = [plgpu.BlockSpec((c, dim_k), lambda i: (i, 0), transforms=_transforms(sw, jnp.bfloat16)),
+                plgpu.BlockSpec((c, dim_v), lambda i: (i, 0), transforms=_transforms(sw, jnp.bfloat16)),
+                plgpu.BlockSpec((c, dim_k), lambda i: (i, 0), transforms=g_transforms)]
+    out_specs = [plgpu.BlockSpec((None, dim_v, dim_k), lambda i: (i, 0, 0),
+                                 transforms=_transforms(sw, jnp.bfloat16))]
+    gmems = [k_gmem.at[b, rows, h], v_gmem.at[b, rows, h], g_gmem.at[b, rows, h]]
+    if raw_gate:
+      out_specs.append(plgpu.BlockSpec((c, dim_k), lambda i: (i, 0), transforms=g_transforms))
+      gmems += [hs_gmem.at[b, chunks, h], g_out_gmem.at[b, rows, h]]
+    else:
+      in_specs.append(plgpu.BlockSpec((None, dim_k), lambda i: (i, 0)))
+      gmems += [gamma_gmem.at[b, chunks, h], hs_gmem.at[b, chunks, h]]
+    pipeline = plgpu.emit_pipeline(step, grid=(per_seg,), max_concurrent_steps=2, in_specs=in_specs,
+                                   out_specs=out_specs, init_carry=_zeros((dim_v, dim_k)))
+    end_s[...] = pipeline(*gmems)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(end_s, end_gmem.at[b, s, h])
     plgpu.wait_smem_to_gmem(0)
 
-  local, ends = plgpu.kernel(
-      body, out_type=(jax.ShapeDtypeStruct((batch, nt, heads, dim_v, dim_k), jnp.bfloat16),
-                      jax.ShapeDtypeStruct((batch, segments, heads, dim_v, dim_k), jnp.float32)),
-      grid=(batch, heads, segments), grid_names=("b", "h", "s"),
-      scratch_types=[_smem((c, dim_k), jnp.bfloat16, sw), _smem((dim_v, dim_k), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(approx_math=True))(k, v, g, gamma)
-  return _join(local, ends, gamma)
+  out_type = [jax.ShapeDtypeStruct((batch, nt, heads, dim_v, dim_k), jnp.bfloat16),
+              jax.ShapeDtypeStruct((batch, segments, heads, dim_v, dim_k), jnp.float32)]
+  scratch = [_smem((c, dim_k), jnp.bfloat16, sw), _smem((dim_v, dim_k), jnp.float32)]
+  if raw_gate:
+    out_type.append(jax.ShapeDtypeStruct(g.shape, jnp.float32))
+    scratch += [_smem((c, c), jnp.bfloat16, sw) for _ in range(2)]      # the selectors, A of the wgmmas
+    scratch += [_smem((c, dim_k), jnp.bfloat16, sw) for _ in range(3)]
+    operands = (k, v, g)
+  else:
+    operands = (k, v, g, g[:, c - 1::c])                      # gamma [B, NT, H, K]
+  return plgpu.kernel(
+      body, out_type=tuple(out_type), grid=(batch, heads, segments), grid_names=("b", "h", "s"),
+      scratch_types=scratch, compiler_params=plgpu.CompilerParams(approx_math=True))(*operands)
 
 
 def _join(local: Array, ends: Array, gamma: Array) -> TransposedStates:
@@ -186,31 +277,20 @@ def _scores(qf: Array, kf: Array, gate: Array, diff: Array, qt_s, kt_s, g_parts:
   in registers, and one of its own).
   """
   c = CHUNK
-  r = plgpu.broadcasted_iota(jnp.int32, (c, c), 0, layout=WGMMA)
-  col = plgpu.broadcasted_iota(jnp.int32, (c, c), 1, layout=WGMMA)
+  r, col = _iotas((c, c))
   span = jnp.max(jnp.max(jnp.abs(diff), axis=1), axis=0)
 
   def single():
     return jnp.where(r >= col, _score_product(qt_s, kt_s, qf * _exp(diff), kf * _exp(-diff)), 0.0)
 
   def levels():
-    hi = gate.astype(jnp.bfloat16)
-    rest = gate - hi.astype(jnp.float32)
-    mid = rest.astype(jnp.bfloat16)
-    for part_s, part in zip(g_parts, (hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16))):
-      part_s[...] = part
-    plgpu.commit_smem()
+    _store_bf16_parts(gate, g_parts)
     diagonal = jnp.where(r == col, jax.lax.broadcast_in_dim(jnp.sum(qf * kf, axis=1), (c, c), (0,)), 0.0)
 
     def level(lg, out):                       # a rolled loop: one level's temporaries live at a time
       half = jnp.left_shift(jnp.int32(1), lg)
       ref_row = (r // (2 * half)) * (2 * half) + (half - 1)
-      one_hot = jnp.where(col == ref_row, 1.0, 0.0).astype(jnp.bfloat16)
-
-      def gather(acc):
-        for part_s in g_parts:
-          plgpu.wgmma(acc, one_hot, part_s)
-      g_ref = pl.run_state(gather)(plgpu.ACC.init(_zeros(gate.shape)))
+      g_ref = _select_rows(jnp.where(col == ref_row, 1.0, 0.0).astype(jnp.bfloat16), g_parts, gate.shape)
       e = _exp(-jnp.abs(gate - g_ref))
       pair = ((r // half) % 2 == 1) & ((col // half) % 2 == 0) & (r // (2 * half) == col // (2 * half))
       return jnp.where(pair, _score_product(qt_s, kt_s, qf * e, kf * e), out)
@@ -301,6 +381,12 @@ def out_pass(q: Array, k: Array, v: Array, g: Array, states: Array | TransposedS
 
 
 def forward(q: Array, k: Array, v: Array, g: Array, *, scale: float, segments: int = 1,
-            levels_fallback: bool = True) -> Array:
-  """The GLA forward from G (chunk-local cumsum): `state_pass` then `out_pass`, o [B, T, H, V] bf16."""
-  return out_pass(q, k, v, g, state_pass(k, v, g, segments), scale=scale, levels_fallback=levels_fallback)
+            levels_fallback: bool = True, raw_gate: bool = False) -> Array:
+  """The GLA forward: the state pass then `out_pass`, o [B, T, H, V] bf16. g: G (the chunk-local cumsum of
+  the log gate), or with `raw_gate` the chunk-padded log gate itself, whose G the state pass forms and writes
+  for the output pass (`state_pass_from_log_gate`: no cumsum pass before the kernels; >= 2 segments)."""
+  if raw_gate:
+    states, g = state_pass_from_log_gate(k, v, g, segments)
+  else:
+    states = state_pass(k, v, g, segments)
+  return out_pass(q, k, v, g, states, scale=scale, levels_fallback=levels_fallback)

@@ -35,16 +35,39 @@ def _shapes(b, t, h, dk, dv):
           s((b, t, h, dk), jnp.float32))
 
 
+def _ops_on_arrays_of_size(jaxpr, size: int) -> set[str]:
+  """Names of the primitives (nested jaxprs included) with an output of at least `size` elements."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    if any(int(np.prod(getattr(o.aval, "shape", ()))) >= size for o in eqn.outvars):
+      names.add(eqn.primitive.name)
+    if eqn.primitive.name == "mpmd_map":
+      continue
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          names |= _ops_on_arrays_of_size(inner, size)
+  return names
+
+
 def _lower_for_cuda(fn, *args) -> str:
   return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
 
 
 @pytest.mark.parametrize("dim_k", [32, 64])
-def test_forward_lowers_for_h100(dim_k):
-  q, k, v, g = _shapes(2, 320, 3, dim_k, 64)
-  text = _lower_for_cuda(lambda q, k, v, g: gpu_mosaic.forward(q, k, v, g, scale=0.2, segments=5), q, k, v, g)
+@pytest.mark.parametrize("raw_gate", [False, True])
+def test_forward_lowers_for_h100(dim_k, raw_gate):
+  q, k, v, g = _shapes(2, 640, 3, dim_k, 64)
+  text = _lower_for_cuda(lambda q, k, v, g: gpu_mosaic.forward(q, k, v, g, scale=0.2, segments=5,
+                                                               raw_gate=raw_gate), q, k, v, g)
   assert text.count("mosaic_gpu") >= 2, "expected the state and output kernels as Mosaic GPU custom calls"
-  hs = jax.ShapeDtypeStruct((2, 5, 3, dim_k, 64), jnp.bfloat16)
+  if raw_gate:   # the cumsum is in the kernels: no XLA op outside them works on gate-sized arrays
+    jaxpr = jax.make_jaxpr(lambda q, k, v, g: gpu_mosaic.forward(q, k, v, g, scale=0.2, segments=5,
+                                                                 raw_gate=True))(q, k, v, g)
+    kernels = {"mpmd_map", "custom_vmap_call", "pjit", "reshape"}  # the kernels, their wrappers; a view
+    assert _ops_on_arrays_of_size(jaxpr.jaxpr, int(np.prod(g.shape))) <= kernels
+  hs = jax.ShapeDtypeStruct((2, 10, 3, dim_k, 64), jnp.bfloat16)
   assert "mosaic_gpu" in _lower_for_cuda(
       lambda q, k, v, g, hs: gpu_mosaic.out_pass(q, k, v, g, hs, scale=0.2), q, k, v, g, hs)
 
@@ -111,10 +134,48 @@ def test_interpreted_or_differentiated_calls_keep_the_triton_kernels():
   assert not gpu.uses_mosaic_forward(q.astype(jnp.float32), v.astype(jnp.float32), cfg)
   # The VJP's forward saves states for the Triton backward: its jaxpr has no Mosaic kernel.
   g = jnp.zeros(q.shape, jnp.float32)
-  grad_jaxpr = str(jax.make_jaxpr(jax.grad(
-      lambda q: gpu.gla_chunked_g(q, q, v, g, cfg).astype(jnp.float32).sum()))(q))
-  fwd_jaxpr = str(jax.make_jaxpr(lambda q: gpu.gla_chunked_g(q, q, v, g, cfg))(q))
-  assert "mpmd_map" in fwd_jaxpr and "mpmd_map" not in grad_jaxpr
+  for op in (gpu.gla_chunked_g, gpu.gla_chunked_log_gate):
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda q: op(q, q, v, g, cfg).astype(jnp.float32).sum()))(q))
+    fwd_jaxpr = str(jax.make_jaxpr(lambda q: op(q, q, v, g, cfg))(q))
+    assert "mpmd_map" in fwd_jaxpr and "mpmd_map" not in grad_jaxpr
+  # From the raw log gate with >= 2 segments (16 here) the state pass forms G: no XLA op on gate-sized
+  # arrays (the cumsum is a GEMM from 4096 tokens, so "cumsum" alone would not show it).
+  assert gpu.mosaic_segments(1, 64) == 16
+  jaxpr = jax.make_jaxpr(lambda q: gpu.gla_chunked_log_gate(q, q, v, g, cfg))(q)
+  assert _ops_on_arrays_of_size(jaxpr.jaxpr, g.size) <= {"mpmd_map", "custom_vmap_call", "pjit", "reshape",
+                                                          "custom_vjp_call"}
+  # One segment (B H >= 192): XLA's cumsum (a GEMM) before the kernels, as for G.
+  big = [jax.ShapeDtypeStruct((32, 4096, 6, d), dt) for d, dt in ((32, jnp.bfloat16), (64, jnp.bfloat16),
+                                                                   (32, jnp.float32))]
+  assert gpu.mosaic_segments(32 * 6, 64) == 1
+  jaxpr = jax.make_jaxpr(lambda q, v, g: gpu.gla_chunked_log_gate(q, q, v, g, cfg))(*big)
+  assert "dot_general" in _ops_on_arrays_of_size(jaxpr.jaxpr, int(np.prod(big[2].shape)))
+
+
+def test_state_pass_from_log_gate_needs_two_segments():
+  k, v, g = (jnp.zeros((1, 128, 1, d), dt) for d, dt in ((32, jnp.bfloat16), (64, jnp.bfloat16),
+                                                          (32, jnp.float32)))
+  with pytest.raises(ValueError, match="segments"):
+    gpu_mosaic.state_pass_from_log_gate(k, v, g, segments=1)
+  with pytest.raises(ValueError, match="segments"):
+    gpu_mosaic.forward(k, k, v, g, scale=0.2, segments=1, raw_gate=True)
+
+
+@pytest.mark.parametrize("method", ["scan", "matmul"])
+def test_log_gate_vjp_matches_autodiff_through_the_cumsum(method):
+  """`gla_chunked_log_gate`'s VJP (the cumsum's transpose applied by hand) against autodiff of the cumsum
+  followed by `gla_chunked_g`: the formulation it replaced (interpreted Triton kernels, fp32)."""
+  rng, seed = fresh_rng()
+  b, t, h, dk, dv = 1, 128, 2, 16, 16
+  q, k, v, g = (jnp.asarray(x) for x in random_inputs(rng, b, t, h, dk, dv))
+  cfg = dataclasses.replace(gpu.tuned_config(q.shape, v.shape, 64, q.dtype), chunk_size=64, scale=0.25,
+                            interpret=True, gate_cumsum=method)
+  do = jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
+  new = jax.vjp(lambda *a: gpu.gla_chunked_log_gate(*a, cfg), q, k, v, g)
+  old = jax.vjp(lambda q, k, v, g: gpu.gla_chunked_g(q, k, v, gpu._gate_cumsum(g, cfg), cfg), q, k, v, g)
+  np.testing.assert_allclose(new[0], old[0], rtol=1e-6, atol=1e-6, err_msg=f"seed {seed}")
+  for a, b_ in zip(new[1](do), old[1](do)):
+    np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
 
 
 def _op_forward(q, k, v, log_gate, backend: str | None = None):
@@ -149,15 +210,34 @@ def test_gpu_forward_matches_reference(b, t, h, dim_k, gates):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("segments", [1, 5, 13])
-def test_gpu_state_pass_segments(segments):
+@pytest.mark.parametrize("segments,raw_gate", [(1, False), (5, False), (13, False), (5, True), (13, True)])
+def test_gpu_state_pass_segments(segments, raw_gate):
   rng, seed = fresh_rng()
   b, t, h, dk, dv = 2, 4160, 3, 32, 64                 # 65 chunks: segments of 65, 13 and 5 chunks
   q, k, v, g = random_inputs(rng, b, t, h, dk, dv)
   q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
-  big_g = reference.chunk_local_cumsum(jnp.asarray(g), 64)
-  o = jax.jit(lambda *a: gpu_mosaic.forward(*a, scale=dk ** -0.5, segments=segments))(q, k, v, big_g)
+  gate = jnp.asarray(g) if raw_gate else reference.chunk_local_cumsum(jnp.asarray(g), 64)
+  o = jax.jit(lambda *a: gpu_mosaic.forward(*a, scale=dk ** -0.5, segments=segments, raw_gate=raw_gate))(
+      q, k, v, gate)
   ref = reference.chunked_gla(*(x.astype(jnp.float32) for x in (q, k, v)), jnp.asarray(g), chunk_size=64,
                               precision=jax.lax.Precision.HIGHEST)
   err = rel_err(o.astype(jnp.float32), ref)
   assert err < TOL, f"{segments} segments: {err:.2e} (seed {seed})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim_k", [32, 64])
+@pytest.mark.parametrize("num_chunks,segments", [(2, 2), (65, 5), (64, 4), (196, 4), (196, 14)])
+def test_gpu_state_pass_from_log_gate_writes_g(dim_k, num_chunks, segments):
+  """The G that `state_pass_from_log_gate` writes for the output pass is XLA's chunk cumsum (fp32 sums of
+  exact bf16 parts), and its states are `state_pass`'s from that G."""
+  rng, seed = fresh_rng()
+  _, k, v, g = random_inputs(rng, 1, 64 * num_chunks, 2, dim_k, 64)
+  k, v, g = jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), jnp.asarray(g)
+  states, big_g = jax.jit(lambda *a: gpu_mosaic.state_pass_from_log_gate(*a, segments))(k, v, g)
+  want_g = reference.chunk_local_cumsum(g, 64)
+  np.testing.assert_allclose(big_g, want_g, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
+  want = jax.jit(lambda *a: gpu_mosaic.state_pass(*a, segments))(k, v, want_g)
+  for name, got, ref in zip(want._fields, states, want):
+    err = rel_err(jnp.asarray(got, jnp.float32), jnp.asarray(ref, jnp.float32))
+    assert err < 1e-3, f"{name}: {err:.2e} (seed {seed})"
