@@ -45,9 +45,10 @@ CHUNK = 64
 WGMMA = plgpu.Layout.WGMMA
 ROW_VECTOR = plgpu.Layout.WGMMA.reduce(0)   # a [cols] vector that broadcasts along the rows of a WGMMA tile
 SPAN_LIMIT = gpu_kernels.SPAN_LIMIT
-# `state_pass_from_log_gate` needs this many segments: with one segment, the G it wrote was wrong in half the
-# rows (the second 8-row half of each warp's 16) of the first chunk on an H200 (session 12, K = 32; not
-# understood: the same kernel with 2-100 chunks per segment in >= 2 segments wrote G exactly).
+# `state_pass_from_log_gate` needs this many segments. Its first version (selectors in registers, session 12)
+# wrote a wrong G with one segment: half the rows (the second 8-row half of each warp's 16) of the first chunk
+# on an H200 (K = 32). The kept version (selectors in SMEM) passed every GPU test with 2-14 segments; one
+# segment was not run again (no device time left), so it stays excluded (gpu.gla then takes XLA's cumsum).
 MIN_SEGMENTS_FROM_LOG_GATE = 2
 
 
