@@ -31,8 +31,11 @@ sample: $(VENV)/.installed
 	$(PY) -m dig_jax.sample --workdir=$(WORKDIR) --num_samples=64
 
 # pytest exits 5 when it collects nothing: say so instead of failing silently or passing quietly.
+# TEST_WORKERS test processes (pytest-xdist; 2 on CI's 2 cores: 9 min against 11 in one, session 12; each
+# process holds its own JAX with 8 fake devices, so more workers need more memory; 0 runs in this process).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	@set +e; $(PY) -m pytest tests -q --timeout=900; rc=$$?; \
+	@set +e; $(PY) -m pytest tests -q --timeout=900 -n $(TEST_WORKERS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 bench-gla: $(VENV)/.installed
