@@ -13,7 +13,7 @@ For each shape (bf16, DiG's gates log-sigmoid(2 N(0, 1)) / 16), with G the chunk
   what that costs; wrong for strong gates);
 - ``op``: the op's forward from the raw log gate, `gpu.gla` with the Triton forward (XLA's cumsum, then the
   kernels) vs `gpu.gla` as tuned (``op_mosaic``: the Mosaic forward, whose state pass forms G from the log
-  gate where it runs >= 2 segments) and XLA's cumsum + the Mosaic forward from G with its best segment
+  gate) and XLA's cumsum + the Mosaic forward from G with its best segment
   count (``op_mosaic_xla_cumsum``), against issue #4's floor (512 B per token-head at 32/64 over the copy
   bandwidth measured in the same run);
 median of back-to-back calls after warm-up (`bench_common.time_calls`, three rotating input sets), and each

@@ -20,8 +20,8 @@ the kernels that read the states add it as they load them (`SegmentedStates`, se
 A forward without a gradient (sampling, evaluation) of a supported shape (bf16, chunk 64, K 32/64, V 64) from
 MOSAIC_FORWARD_MIN_TOKENS tokens runs `gpu_mosaic`'s Mosaic GPU kernels instead
 (`KernelConfig.forward_backend`; session 11: that forward 1.4x faster at B8 T12544); the VJP's forward saves
-the Triton states for the backward. There, with >= 2 state segments, `gla` skips XLA's cumsum: the Mosaic
-state pass forms G from the log gate and writes it for the output pass (`gla_chunked_log_gate`, session 12).
+the Triton states for the backward. There `gla` skips XLA's cumsum: the Mosaic state pass forms G from the
+log gate and writes it for the output pass (`gla_chunked_log_gate`, session 12).
 
 `interpret=True` runs the same kernel bodies through Pallas' interpreter (CPU tests); Triton's rules
 (power-of-two blocks, dot dims >= 16) still shape the code even where the interpreter would not enforce them.
@@ -407,13 +407,12 @@ def _gate_cumsum(log_gate: Array, cfg: KernelConfig) -> Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def gla_chunked_log_gate(q: Array, k: Array, v: Array, log_gate: Array, cfg: KernelConfig) -> Array:
   """`gla_chunked_g` from the chunk-padded fp32 log gate: XLA's chunk-local cumsum, then the kernels. A
-  forward without a gradient on the Mosaic path (`uses_mosaic_forward`) with two or more state segments
-  has its state pass form G and write it for the output pass instead (`gpu_mosaic.state_pass_from_log_gate`,
-  session 12: no cumsum pass). The VJP is `gla_chunked_g`'s through the cumsum."""
+  forward without a gradient on the Mosaic path (`uses_mosaic_forward`) has its state pass form G and write
+  it for the output pass instead (`gpu_mosaic.state_pass_from_log_gate`, session 12: no cumsum pass). The
+  VJP is `gla_chunked_g`'s through the cumsum."""
   if uses_mosaic_forward(q, v, cfg):
-    segments = _mosaic_segments(q, cfg)
-    if segments >= gpu_mosaic.MIN_SEGMENTS_FROM_LOG_GATE:
-      return gpu_mosaic.forward(q, k, v, log_gate, scale=cfg.scale, segments=segments, raw_gate=True)
+    return gpu_mosaic.forward(q, k, v, log_gate, scale=cfg.scale, segments=_mosaic_segments(q, cfg),
+                              raw_gate=True)
   return gla_chunked_g(q, k, v, _gate_cumsum(log_gate, cfg), cfg)
 
 

@@ -16,7 +16,7 @@ a chunk's last row, m the chunk's middle row):
   needs M % 64 == 0; DiG's K = 32 is not). Segments: `gpu.SegmentedStates`' scheme (their join is folded into
   the output pass). `state_pass_from_log_gate` (session 12) reads the log gate instead of G, forms G and gamma
   with exact bf16-part wgmmas (`_gate_sums`) and writes G for the output pass, so that the op's forward has
-  no XLA cumsum pass (>= 2 segments only, `MIN_SEGMENTS_FROM_LOG_GATE`).
+  no XLA cumsum pass.
 - `out_pass`: grid (batch, head, chunk);
       o = scale * ((q e^G) h_n + mask_{r >= c}[A] v),
   the inter-chunk product a bf16 wgmma, the intra-chunk scores A as in `gpu_kernels._scores` (`_scores`
@@ -45,11 +45,6 @@ CHUNK = 64
 WGMMA = plgpu.Layout.WGMMA
 ROW_VECTOR = plgpu.Layout.WGMMA.reduce(0)   # a [cols] vector that broadcasts along the rows of a WGMMA tile
 SPAN_LIMIT = gpu_kernels.SPAN_LIMIT
-# `state_pass_from_log_gate` needs this many segments. Its first version (selectors in registers, session 12)
-# wrote a wrong G with one segment: half the rows (the second 8-row half of each warp's 16) of the first chunk
-# on an H200 (K = 32). The kept version (selectors in SMEM) passed every GPU test with 2-14 segments; one
-# segment was not run again (no device time left), so it stays excluded (gpu.gla then takes XLA's cumsum).
-MIN_SEGMENTS_FROM_LOG_GATE = 2
 
 
 def supported(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype, chunk_size: int) -> bool:
@@ -158,11 +153,7 @@ def state_pass(k: Array, v: Array, g: Array, segments: int = 1) -> TransposedSta
 def state_pass_from_log_gate(k: Array, v: Array, log_gate: Array,
                              segments: int = 1) -> tuple[TransposedStates, Array]:
   """`state_pass` from the (chunk-padded) log gate itself: the kernel forms G (`_gate_sums`) and writes it
-  for the output pass, so that no cumsum pass runs before the kernels. Returns (states, G). Needs
-  `segments` >= MIN_SEGMENTS_FROM_LOG_GATE."""
-  if segments < MIN_SEGMENTS_FROM_LOG_GATE:
-    raise ValueError(f"gpu_mosaic.state_pass_from_log_gate needs >= {MIN_SEGMENTS_FROM_LOG_GATE} segments "
-                     f"(got {segments}; see MIN_SEGMENTS_FROM_LOG_GATE): form G with XLA and call state_pass")
+  for the output pass, so that no cumsum pass runs before the kernels. Returns (states, G)."""
   local, ends, g = _state_kernel(k, v, log_gate, segments, raw_gate=True)
   return _join(local, ends, g[:, CHUNK - 1::CHUNK]), g
 
@@ -385,7 +376,7 @@ def forward(q: Array, k: Array, v: Array, g: Array, *, scale: float, segments: i
             levels_fallback: bool = True, raw_gate: bool = False) -> Array:
   """The GLA forward: the state pass then `out_pass`, o [B, T, H, V] bf16. g: G (the chunk-local cumsum of
   the log gate), or with `raw_gate` the chunk-padded log gate itself, whose G the state pass forms and writes
-  for the output pass (`state_pass_from_log_gate`: no cumsum pass before the kernels; >= 2 segments)."""
+  for the output pass (`state_pass_from_log_gate`: no cumsum pass before the kernels)."""
   if raw_gate:
     states, g = state_pass_from_log_gate(k, v, g, segments)
   else:

@@ -138,27 +138,15 @@ def test_interpreted_or_differentiated_calls_keep_the_triton_kernels():
     grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda q: op(q, q, v, g, cfg).astype(jnp.float32).sum()))(q))
     fwd_jaxpr = str(jax.make_jaxpr(lambda q: op(q, q, v, g, cfg))(q))
     assert "mpmd_map" in fwd_jaxpr and "mpmd_map" not in grad_jaxpr
-  # From the raw log gate with >= 2 segments (16 here) the state pass forms G: no XLA op on gate-sized
-  # arrays (the cumsum is a GEMM from 4096 tokens, so "cumsum" alone would not show it).
-  assert gpu.mosaic_segments(1, 64) == 16
-  jaxpr = jax.make_jaxpr(lambda q: gpu.gla_chunked_log_gate(q, q, v, g, cfg))(q)
-  assert _ops_on_arrays_of_size(jaxpr.jaxpr, g.size) <= {"mpmd_map", "custom_vmap_call", "pjit", "reshape",
-                                                          "custom_vjp_call"}
-  # One segment (B H >= 192): XLA's cumsum (a GEMM) before the kernels, as for G.
+  # From the raw log gate the state pass forms G: no XLA op on gate-sized arrays (the cumsum is a GEMM from
+  # 4096 tokens, so "cumsum" alone would not show it), with 16 segments here and with one (B H >= 192).
+  kernels_and_views = {"mpmd_map", "custom_vmap_call", "pjit", "reshape", "custom_vjp_call"}
   big = [jax.ShapeDtypeStruct((32, 4096, 6, d), dt) for d, dt in ((32, jnp.bfloat16), (64, jnp.bfloat16),
                                                                    (32, jnp.float32))]
-  assert gpu.mosaic_segments(32 * 6, 64) == 1
-  jaxpr = jax.make_jaxpr(lambda q, v, g: gpu.gla_chunked_log_gate(q, q, v, g, cfg))(*big)
-  assert "dot_general" in _ops_on_arrays_of_size(jaxpr.jaxpr, int(np.prod(big[2].shape)))
-
-
-def test_state_pass_from_log_gate_needs_two_segments():
-  k, v, g = (jnp.zeros((1, 128, 1, d), dt) for d, dt in ((32, jnp.bfloat16), (64, jnp.bfloat16),
-                                                          (32, jnp.float32)))
-  with pytest.raises(ValueError, match="segments"):
-    gpu_mosaic.state_pass_from_log_gate(k, v, g, segments=1)
-  with pytest.raises(ValueError, match="segments"):
-    gpu_mosaic.forward(k, k, v, g, scale=0.2, segments=1, raw_gate=True)
+  assert gpu.mosaic_segments(1, 64) == 16 and gpu.mosaic_segments(32 * 6, 64) == 1
+  for q_, v_, g_ in ((q, v, g), big):
+    jaxpr = jax.make_jaxpr(lambda q, v, g: gpu.gla_chunked_log_gate(q, q, v, g, cfg))(q_, v_, g_)
+    assert _ops_on_arrays_of_size(jaxpr.jaxpr, int(np.prod(g_.shape))) <= kernels_and_views
 
 
 @pytest.mark.parametrize("method", ["scan", "matmul"])
@@ -210,7 +198,8 @@ def test_gpu_forward_matches_reference(b, t, h, dim_k, gates):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("segments,raw_gate", [(1, False), (5, False), (13, False), (5, True), (13, True)])
+@pytest.mark.parametrize("raw_gate", [False, True])
+@pytest.mark.parametrize("segments", [1, 5, 13])
 def test_gpu_state_pass_segments(segments, raw_gate):
   rng, seed = fresh_rng()
   b, t, h, dk, dv = 2, 4160, 3, 32, 64                 # 65 chunks: segments of 65, 13 and 5 chunks
@@ -227,7 +216,8 @@ def test_gpu_state_pass_segments(segments, raw_gate):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dim_k", [32, 64])
-@pytest.mark.parametrize("num_chunks,segments", [(2, 2), (65, 5), (64, 4), (196, 4), (196, 14)])
+@pytest.mark.parametrize("num_chunks,segments",
+                         [(1, 1), (64, 1), (2, 2), (65, 5), (64, 4), (196, 4), (196, 14)])
 def test_gpu_state_pass_from_log_gate_writes_g(dim_k, num_chunks, segments):
   """The G that `state_pass_from_log_gate` writes for the output pass is XLA's chunk cumsum (fp32 sums of
   exact bf16 parts), and its states are `state_pass`'s from that G."""
