@@ -146,20 +146,23 @@ def _gate_sums(log_gate: Array, parts: tuple, selectors: tuple) -> list[Array]:
 def state_pass(k: Array, v: Array, g: Array, segments: int = 1) -> TransposedStates:
   """Every chunk's entering state from G (the chunk-local cumulative log gate), in `segments` (a divisor of
   the chunk count) run in parallel."""
-  local, ends = _state_kernel(k, v, g, segments, raw_gate=False)
-  return _join(local, ends, g[:, CHUNK - 1::CHUNK])
+  gamma = g[:, CHUNK - 1::CHUNK]                              # [B, NT, H, K]: each chunk's total log decay
+  local, ends = _state_kernel(k, v, g, segments, gamma)
+  return _join(local, ends, gamma)
 
 
 def state_pass_from_log_gate(k: Array, v: Array, log_gate: Array,
                              segments: int = 1) -> tuple[TransposedStates, Array]:
   """`state_pass` from the (chunk-padded) log gate itself: the kernel forms G (`_gate_sums`) and writes it
   for the output pass, so that no cumsum pass runs before the kernels. Returns (states, G)."""
-  local, ends, g = _state_kernel(k, v, log_gate, segments, raw_gate=True)
+  local, ends, g = _state_kernel(k, v, log_gate, segments, gamma=None)
   return _join(local, ends, g[:, CHUNK - 1::CHUNK]), g
 
 
-def _state_kernel(k: Array, v: Array, g: Array, segments: int, raw_gate: bool) -> tuple[Array, ...]:
-  """The state pass's kernel: (local states, segment end states), and with `raw_gate` (g the log gate) G."""
+def _state_kernel(k: Array, v: Array, g: Array, segments: int, gamma: Array | None) -> tuple[Array, ...]:
+  """The state pass's kernel: (local states, segment end states) from G and its last rows `gamma`; with
+  `gamma` None, g is the log gate and the kernel forms G and gamma itself and also returns G."""
+  raw_gate = gamma is None
   batch, tokens, heads, dim_k = k.shape
   dim_v = v.shape[-1]
   _check("state_pass", v, g, k)
@@ -228,7 +231,7 @@ def _state_kernel(k: Array, v: Array, g: Array, segments: int, raw_gate: bool) -
     scratch += [_smem((c, dim_k), jnp.bfloat16, sw) for _ in range(3)]
     operands = (k, v, g)
   else:
-    operands = (k, v, g, g[:, c - 1::c])                      # gamma [B, NT, H, K]
+    operands = (k, v, g, gamma)
   return plgpu.kernel(
       body, out_type=tuple(out_type), grid=(batch, heads, segments), grid_names=("b", "h", "s"),
       scratch_types=scratch, compiler_params=plgpu.CompilerParams(approx_math=True))(*operands)
