@@ -13,9 +13,10 @@ For each shape (bf16, DiG's gates log-sigmoid(2 N(0, 1)) / 16), with G the chunk
   what that costs; wrong for strong gates);
 - ``op``: the op's forward from the raw log gate, `gpu.gla` with the Triton forward (XLA's cumsum, then the
   kernels) vs `gpu.gla` as tuned (``op_mosaic``: the Mosaic forward, whose state pass forms G from the log
-  gate) and XLA's cumsum + the Mosaic forward from G with its best segment
-  count (``op_mosaic_xla_cumsum``), against issue #4's floor (512 B per token-head at 32/64 over the copy
-  bandwidth measured in the same run);
+  gate) and XLA's cumsum + the Mosaic forward from G with its best segment count
+  (``op_mosaic_xla_cumsum``), and the op's Mosaic forward with each other of ``--segments``
+  (``op_mosaic_s<n>``, T a multiple of the chunk), against issue #4's floor (512 B per token-head at 32/64
+  over the copy bandwidth measured in the same run);
 median of back-to-back calls after warm-up (`bench_common.time_calls`, three rotating input sets), and each
 output's relative error against the fp32 reference (`reference.chunked_gla` on the same bf16-rounded inputs,
 HIGHEST precision). Prints a table and writes ``gla_mosaic_<card>.json``.
@@ -123,6 +124,10 @@ def bench_shape(shape: tuple[int, ...], bandwidth: float, extra_segments: tuple[
              q, k, v, reference.chunk_local_cumsum(lg, CHUNK, cfg.gate_cumsum), scale=cfg.scale,
              segments=seg)),
          "mosaic": jax.jit(lambda q, k, v, lg: gpu.gla(q, k, v, lg, chunk_size=CHUNK))}  # tuned: Mosaic
+  for s_extra in extra_segments:     # the op's Mosaic forward (log-gate state pass) at other segment counts
+    if (t // CHUNK) % s_extra == 0 and s_extra != row["mosaic_segments"] and t % CHUNK == 0:
+      ops[f"mosaic_s{s_extra}"] = jax.jit(lambda q, k, v, lg, s=s_extra: gpu_mosaic.forward(
+          q, k, v, lg, scale=cfg.scale, segments=s, raw_gate=True))
   for name, op in ops.items():
     row["ms"][f"op_{name}"] = 1e3 * time_calls(op, [s[:3] + (s[4],) for s in sets], jax_sync)
     row["errors"][f"op_{name}"] = err(op(q, k, v, log_gate))
@@ -144,6 +149,10 @@ def print_table(rows: list[dict]) -> None:
           f"{ms['op_mosaic']:7.3f} {ms['op_triton'] / r['op_floor_ms']:5.1f}/"
           f"{ms['op_mosaic'] / r['op_floor_ms']:4.1f}x"
           f"   | {max(r['errors'].values()):.1e}")
+    op_segments = [f"{ms[n]:.3f}({n.split('_s')[-1]})" for n in ms if n.startswith("op_mosaic_s")]
+    if op_segments:
+      print(f"{'':18s}   op mosaic (segments): tuned {ms['op_mosaic']:.3f}({r['mosaic_segments']}) "
+            + " ".join(op_segments))
 
 
 def main() -> None:

@@ -12,8 +12,9 @@ from benchmarks import gla_mosaic
 from pallas_kernels.gla import gpu, reference
 
 
-def _reference_forward(q, k, v, g, *, scale, segments=1, levels_fallback=True):
-  log_gate = jnp.diff(g.reshape(g.shape[0], -1, 64, *g.shape[2:]), axis=2, prepend=0.0).reshape(g.shape)
+def _reference_forward(q, k, v, g, *, scale, segments=1, levels_fallback=True, raw_gate=False):
+  log_gate = g if raw_gate else jnp.diff(g.reshape(g.shape[0], -1, 64, *g.shape[2:]), axis=2,
+                                         prepend=0.0).reshape(g.shape)
   return reference.chunked_gla(q, k, v, log_gate, chunk_size=64, scale=scale).astype(jnp.bfloat16)
 
 
@@ -39,10 +40,11 @@ def test_gla_mosaic_benchmark_writes_table_and_json(monkeypatch, tmp_path, capsy
   assert row["shape"] == dict(B=1, T=128, H=2, K=32, V=64)
   assert set(row["ms"]) == {"state_triton", "state_mosaic", "out_triton", "out_mosaic", "fwd_triton",
                             "fwd_mosaic_s1", "fwd_mosaic_s2", "fwd_nofallback_s2", "op_triton", "op_mosaic",
-                            "op_mosaic_xla_cumsum"}
+                            "op_mosaic_xla_cumsum", "op_mosaic_s1"}
   assert (row["segments"], row["mosaic_segments"]) == (1, 2)   # Triton's rule, and gpu.mosaic_segments
   assert len(calls) == len(row["ms"])
   assert max(row["errors"].values()) < 2e-2       # bf16 inputs; the stand-in is the reference itself
   (failure,) = result["failures"]                 # T = 100 is not a whole number of chunks
   assert failure["shape"] == [1, 100, 2, 32, 64]
-  assert "1, 128, 2, 32/64" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert "1, 128, 2, 32/64" in printed and "op mosaic (segments): tuned" in printed
