@@ -31,11 +31,12 @@ sample: $(VENV)/.installed
 	$(PY) -m dig_jax.sample --workdir=$(WORKDIR) --num_samples=64
 
 # pytest exits 5 when it collects nothing: say so instead of failing silently or passing quietly.
-# TEST_WORKERS test processes (pytest-xdist; 2 for CI's 2 cores: 8.5-9 min against 11 in one process on
-# such a machine; each holds its own JAX with 8 fake devices, so more workers need more memory; 0: one process).
+# TEST_WORKERS test processes (pytest-xdist; 2 for CI's 2 cores; each holds its own JAX with 8 fake devices,
+# so more workers need more memory; 0: one process). --dist loadgroup keeps each module with a costly module
+# fixture (test_train, test_sample, test_convert: xdist_group marks) in one worker, which computes it once.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	@set +e; $(PY) -m pytest tests -q --timeout=900 -n $(TEST_WORKERS); rc=$$?; \
+	@set +e; $(PY) -m pytest tests -q --timeout=900 -n $(TEST_WORKERS) --dist loadgroup; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 bench-gla: $(VENV)/.installed

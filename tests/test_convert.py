@@ -33,6 +33,10 @@ from dig_jax import convert, torch_files
 from dig_jax.models import create_model, model_config_for
 from dig_jax.models.partitioning import flat_variables
 
+# The module fixture `dig_model` is computed once: `make test`'s pytest-xdist workers
+# (--dist loadgroup) run this module's tests in one process, not in each.
+pytestmark = pytest.mark.xdist_group("test_convert")
+
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "official_style_checkpoint.pt")
 TINY = dict(hidden_size=64, num_heads=2, input_size=8, num_classes=10)
 

@@ -16,6 +16,10 @@ from PIL import Image
 from configs import common
 from dig_jax import checkpointing, input_pipeline, optim, sample, sharding, train
 
+# The module fixture `workdir` (a trained checkpoint) is computed once: `make test`'s pytest-xdist workers
+# (--dist loadgroup) run this module's tests in one process, not in each.
+pytestmark = pytest.mark.xdist_group("test_sample")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -23,6 +23,10 @@ from dig_jax import checkpointing, input_pipeline, metric_writers, models, optim
 from dig_jax import diffusion as diffusion_lib
 from dig_jax import sample as sample_lib
 
+# The module fixture `runs` (two training runs) is computed once: `make test`'s pytest-xdist workers
+# (--dist loadgroup) run this module's tests in one process, not in each.
+pytestmark = pytest.mark.xdist_group("test_train")
+
 MESH = (("data", -1), ("fsdp", 2), ("tensor", 1), ("context", 1))
 
 
