@@ -19,7 +19,9 @@ Each cell runs in a fresh subprocess, so its peak memory is its own and an out-o
 OOM instead of ending the sweep. Compilation dominates the cost of a cell, so by default all cells are first
 compiled in parallel subprocesses (``--jobs``) into JAX's persistent compilation cache, and the timed runs
 then load their executables from it, one cell at a time. Results are written after every cell
-(``<out_dir>/model_sweep_<card>.json``), so a sweep cut short still leaves its finished cells.
+(``<out_dir>/model_sweep_<card>.json``), so a sweep cut short still leaves its finished cells; ``--resume``
+runs only the cells that file lacks (or that timed out, crashed or were skipped), so that a sweep longer than
+one command's time limit fills one file, on one card, over several commands.
 Parallel pre-compilation can skew a cell: XLA autotunes GEMMs while compiling, and one cell of a session-3 run
 came out 1.35x slower than when compiled alone (benchmarks/NOTES.md); for close comparisons use ``--jobs=0``
 (each cell compiled alone, just before it runs), and ``--repeats=N`` to run every cell N times, in rounds
@@ -118,6 +120,36 @@ def sweep_cells(quick: bool) -> list[dict[str, Any]]:
 def _suffix(tag: str) -> str:
   """"--tag 256_x" -> "_256_x" (the file names read model_sweep_<card>_<tag>)."""
   return tag if not tag or tag.startswith("_") else "_" + tag
+
+
+FINISHED = ("ok", "oom", "n/a")   # statuses that --resume keeps; a timeout, crash or deadline skip runs again
+
+
+def cell_key(c: dict[str, Any]) -> tuple:
+  return c["label"], c["px"], c["batch"], c["precision"]
+
+
+def finished_results(path: str, device_kind: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """For ``--resume``: the results of the earlier run(s) in `path` that need no rerun, and the environments
+  they were measured in. Only results of the same kind of card are merged (the file name holds only the
+  card's short name: an H100 PCIe and an H100 SXM share it); a file that is not a sweep result stops the run
+  with one error (nothing is overwritten)."""
+  if not os.path.exists(path):
+    return [], []
+  try:
+    with open(path, encoding="utf-8") as f:
+      earlier = json.load(f)
+    results = earlier["results"]
+    environments = earlier.get("earlier_environments", []) + [earlier["environment"]]
+    kept = [r for r in results if r["status"] in FINISHED]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise SystemExit(f"--resume: {path} is not a model_sweep result file ({type(e).__name__}: {e}); "
+                     "move it away or run without --resume") from e
+  measured_on = {e.get("device_kind") for e in environments}
+  if measured_on != {device_kind}:
+    raise SystemExit(f"--resume: {path} was measured on {sorted(map(str, measured_on))}, this machine has "
+                     f"{device_kind!r}; results of two cards are not merged (use another --tag)")
+  return kept, environments
 
 
 # diag names (see `cell`): ones that change the training step, ones that change the GPU GLA op's KernelConfig,
@@ -480,6 +512,8 @@ def main() -> None:
   parser.add_argument("--cell_timeout_s", type=float, default=240.0)
   parser.add_argument("--cache_dir", default="/tmp/dig_jax_model_sweep_cache")
   parser.add_argument("--tag", default="", help="suffix of the output file name (after an underscore)")
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the finished cells of the output file (same card) and run only the others")
   parser.add_argument("--repeats", type=int, default=1,
                       help="run every cell this many times, round-robin, each compiled afresh "
                            "(implies --jobs=0)")
@@ -517,8 +551,16 @@ def main() -> None:
     cells = [c for c in cells if str(c["px"]) in args.sizes.split(",")]
   if args.precisions:
     cells = [c for c in cells if c["precision"] in args.precisions.split(",")]
+  finished, earlier_envs = [], []
+  if args.resume:
+    if args.repeats > 1:
+      raise SystemExit("--resume cannot be combined with --repeats (each repeat is a new measurement)")
+    finished, earlier_envs = finished_results(out_path, env["device_kind"])
+    done = {cell_key(r) for r in finished}
+    cells = [c for c in cells if cell_key(c) not in done]
   runnable = [c for c in cells if not (c["attention"] == "cudnn" and c["precision"] == "fp32")]
-  log(f"{env}\n{len(runnable)} cells -> {out_path}")
+  log(f"{env}\n{len(runnable)} cells -> {out_path}"
+      + (f" (resumed: {len(finished)} finished cells kept)" if args.resume else ""))
   if args.quick:
     args.steps = min(args.steps, 2)
   if args.repeats < 1:
@@ -536,9 +578,11 @@ def main() -> None:
         log(f"  compile {r['label']} {r['px']} {r['precision']}: {r['status']} {r.get('error', '')[:300]}")
     log(f"pre-compiled {len(runnable)} cells in {time.time() - t0:.0f} s")
 
-  results: list[dict[str, Any]] = []
+  results: list[dict[str, Any]] = list(finished)
 
   def save(**extra: Any) -> None:  # after every cell, so a sweep cut short keeps its finished cells
+    if earlier_envs:
+      extra["earlier_environments"] = earlier_envs
     with open(out_path, "w", encoding="utf-8") as f:
       json.dump(dict(environment=env, card=card, batch_sizes=BATCH, results=results, **extra), f, indent=1)
 
@@ -565,7 +609,7 @@ def main() -> None:
     save(repeats=summary)
   else:
     save()
-  with open(out_stem + ".log", "w", encoding="utf-8") as f:
+  with open(out_stem + ".log", "a" if args.resume else "w", encoding="utf-8") as f:
     f.write("\n".join(log_lines) + "\n")
 
 

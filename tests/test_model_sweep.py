@@ -1,5 +1,5 @@
 """The resolution-sweep script's pure parts (benchmarks/model_sweep.py): cell specs, the repeat summary, the
-`--profile` report (worker replaced) and the model diagnostics' patches."""
+`--profile` report and `--resume` (workers replaced) and the model diagnostics' patches."""
 import pytest
 
 from benchmarks import model_sweep
@@ -82,3 +82,57 @@ def test_repeats_alternate_the_order_of_the_cells():
   order = [(r, cell["label"]) for r, cell in model_sweep.run_order([a, b, c], 3)]
   assert order == [(0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
   assert model_sweep.run_order([a], 1) == [(0, a)]
+
+
+def _run_main(monkeypatch, tmp_path, argv, device_kind="NVIDIA H100 80GB HBM3"):
+  """model_sweep.main with the workers replaced: every launched cell reports 1000 img/s; returns the specs."""
+  import sys
+  launched = []
+
+  def fake_launch(spec, mode, args, timeout):
+    launched.append(spec)
+    return dict(spec, status="ok", train_images_per_s=1000.0, train_peak_bytes=2**30,
+                forward_images_per_s=1.0)
+
+  monkeypatch.setattr(model_sweep, "launch", fake_launch)
+  monkeypatch.setattr(model_sweep, "environment", lambda: dict(device_kind=device_kind))
+  monkeypatch.setattr(sys, "argv", ["model_sweep", "--out_dir", str(tmp_path), "--jobs", "0", "--no_sweep",
+                                    "--tag", "t", *argv])
+  model_sweep.main()
+  return launched
+
+
+def test_resume_runs_only_the_cells_the_file_lacks_and_keeps_the_rest(monkeypatch, tmp_path):
+  import json
+  extra = ["--extra", "DiG-S/2:256:bf16,DiT-S/2:256:bf16:attention=cudnn,DiT-S/2:256:fp32:attention=cudnn"]
+  path = tmp_path / "model_sweep_h100_t.json"
+  first = _run_main(monkeypatch, tmp_path, extra)
+  assert [c["label"] for c in first] == ["DiG-S/2", "DiT-S/2-cudnn"]       # cuDNN fp32: n/a, not launched
+  saved = json.loads(path.read_text())
+  saved["results"][1].update(status="timeout", error="worker exceeded 240 s (run)")  # as if cut short
+  path.write_text(json.dumps(saved))
+  again = _run_main(monkeypatch, tmp_path, extra + ["--resume"])
+  assert [c["label"] for c in again] == ["DiT-S/2-cudnn"]                    # only the unfinished cell
+  merged = json.loads(path.read_text())
+  assert [(r["label"], r["precision"], r["status"]) for r in merged["results"]] == [
+      ("DiG-S/2", "bf16", "ok"), ("DiT-S/2-cudnn", "fp32", "n/a"), ("DiT-S/2-cudnn", "bf16", "ok")]
+  assert len(merged["earlier_environments"]) == 1
+  # Without --resume the same command measures everything again.
+  assert len(_run_main(monkeypatch, tmp_path, extra)) == 2
+
+
+def test_resume_refuses_another_card_or_a_foreign_file_and_leaves_it_alone(monkeypatch, tmp_path):
+  extra = ["--extra", "DiG-S/2:256:bf16"]
+  _run_main(monkeypatch, tmp_path, extra)
+  path = tmp_path / "model_sweep_h100_t.json"
+  # Another kind of H100 writes the same file name (card slug "h100"): its results are never merged.
+  before = path.read_text()
+  with pytest.raises(SystemExit, match=r"measured on \['NVIDIA H100 80GB HBM3'\].*two cards are not merged"):
+    _run_main(monkeypatch, tmp_path, extra + ["--resume"], device_kind="NVIDIA H100 PCIe-like")
+  assert path.read_text() == before
+  path.write_text("{not json")
+  with pytest.raises(SystemExit, match="not a model_sweep result file"):
+    _run_main(monkeypatch, tmp_path, extra + ["--resume"])
+  assert path.read_text() == "{not json"
+  with pytest.raises(SystemExit, match="cannot be combined with --repeats"):
+    _run_main(monkeypatch, tmp_path, extra + ["--resume", "--repeats", "2"])
