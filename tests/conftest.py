@@ -1,5 +1,6 @@
 """Test set-up: 8 fake CPU devices (before JAX initialises), no network, CPU only unless a GPU test asks,
-and a per-session compilation cache.
+one compilation cache per pytest run (shared by pytest-xdist workers), CPU compiles at XLA's backend
+optimisation level 0.
 
 DIG_TEST_GPU=1 on a GPU machine runs only the tests marked `gpu` (kernels compiled at real sizes).
 """
