@@ -15,7 +15,7 @@ For each shape (bf16, DiG's gates log-sigmoid(2 N(0, 1)) / 16), with G the chunk
   kernels) vs `gpu.gla` as tuned (``op_mosaic``: the Mosaic forward, whose state pass forms G from the log
   gate) and XLA's cumsum + the Mosaic forward from G with its best segment count
   (``op_mosaic_xla_cumsum``), and the op's Mosaic forward with each other of ``--segments``
-  (``op_mosaic_s<n>``, T a multiple of the chunk), against issue #4's floor (512 B per token-head at 32/64
+  (``op_mosaic_s<n>``), against issue #4's floor (512 B per token-head at 32/64
   over the copy bandwidth measured in the same run);
 median of back-to-back calls after warm-up (`bench_common.time_calls`, three rotating input sets), and each
 output's relative error against the fp32 reference (`reference.chunked_gla` on the same bf16-rounded inputs,
@@ -121,11 +121,10 @@ def bench_shape(shape: tuple[int, ...], bandwidth: float, extra_segments: tuple[
                                    forward_backend="triton")
   ops = {"triton": jax.jit(lambda q, k, v, lg: gpu.gla(q, k, v, lg, chunk_size=CHUNK, config=triton_cfg)),
          "mosaic_xla_cumsum": jax.jit(lambda q, k, v, lg: gpu_mosaic.forward(
-             q, k, v, reference.chunk_local_cumsum(lg, CHUNK, cfg.gate_cumsum), scale=cfg.scale,
-             segments=seg)),
+             q, k, v, gpu._gate_cumsum(lg, cfg), scale=cfg.scale, segments=seg)),
          "mosaic": jax.jit(lambda q, k, v, lg: gpu.gla(q, k, v, lg, chunk_size=CHUNK))}  # tuned: Mosaic
   for s_extra in extra_segments:     # the op's Mosaic forward (log-gate state pass) at other segment counts
-    if (t // CHUNK) % s_extra == 0 and s_extra != row["mosaic_segments"] and t % CHUNK == 0:
+    if (t // CHUNK) % s_extra == 0 and s_extra != row["mosaic_segments"]:
       ops[f"mosaic_s{s_extra}"] = jax.jit(lambda q, k, v, lg, s=s_extra: gpu_mosaic.forward(
           q, k, v, lg, scale=cfg.scale, segments=s, raw_gate=True))
   for name, op in ops.items():

@@ -126,6 +126,7 @@ FINISHED = ("ok", "oom", "n/a")   # statuses that --resume keeps; a timeout, cra
 
 
 def cell_key(c: dict[str, Any]) -> tuple:
+  """What makes a cell (or its result) the same cell: (label, px, batch, precision)."""
   return c["label"], c["px"], c["batch"], c["precision"]
 
 
@@ -473,13 +474,12 @@ def run_order(cells: list[dict[str, Any]], repeats: int) -> list[tuple[int, dict
 
 
 def summarize_repeats(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per cell (label, px, batch, precision) of a `--repeats` run: training images/s median, min, max, runs."""
+  """Per cell (`cell_key`) of a `--repeats` run: training images/s median, min, max, runs."""
   groups: dict[tuple, list[float]] = {}
   for r in results:
-    key = (r["label"], r["px"], r["batch"], r["precision"])
-    groups.setdefault(key, [])
+    values = groups.setdefault(cell_key(r), [])
     if r["status"] == "ok":
-      groups[key].append(r["train_images_per_s"])
+      values.append(r["train_images_per_s"])
   out = []
   for (label, px, batch, precision), values in groups.items():
     row = dict(label=label, px=px, batch=batch, precision=precision, runs=len(values))

@@ -11,13 +11,13 @@ import os
 # slower, the compiles much faster). The tests check values, not speed; the generated code may round
 # differently in the last bits, within every test's tolerance (the whole suite passes either way).
 # XLA_FLAGS set in the environment replace these defaults.
-_CPU_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+_FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
 # Tests run on the CPU; GPU tests select the GPU explicitly and are skipped where none exists.
 if os.environ.get("DIG_TEST_GPU") != "1":
-  os.environ.setdefault("XLA_FLAGS", _CPU_FLAGS)
+  os.environ.setdefault("XLA_FLAGS", _FAKE_DEVICES + " --xla_backend_optimization_level=0")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 else:
-  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  os.environ.setdefault("XLA_FLAGS", _FAKE_DEVICES)
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "_no_tfds_data"))
 
 import atexit  # noqa: E402
