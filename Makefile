@@ -34,9 +34,11 @@ sample: $(VENV)/.installed
 # TEST_WORKERS test processes (pytest-xdist; 2 for CI's 2 cores; each holds its own JAX with 8 fake devices,
 # so more workers need more memory; 0: one process). --dist loadgroup keeps each module with a costly module
 # fixture (test_train, test_sample, test_convert: xdist_group marks) in one worker, which computes it once.
+# --timeout-method=thread: a hung test fails, dumping every thread's stack (SIGALRM's can get swallowed).
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	@set +e; $(PY) -m pytest tests -q --timeout=900 -n $(TEST_WORKERS) --dist loadgroup; rc=$$?; \
+	@set +e; $(PY) -m pytest tests -q --timeout=900 --timeout-method=thread -n $(TEST_WORKERS) \
+	  --dist loadgroup; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
 bench-gla: $(VENV)/.installed

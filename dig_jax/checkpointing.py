@@ -10,7 +10,10 @@ after ``jax.distributed.initialize``); keep the newest ``keep`` steps plus every
 async saving (device arrays are copied to host before ``save`` returns, so the next step may donate them); a
 half-written ``<step>.orbax-checkpoint-tmp`` left by a crash is ignored and cleaned up. Restore walks the
 steps from newest to oldest and takes the first one that loads (orbax does not checksum steps); newer
-unreadable steps are then deleted, since orbax would not save a step at or below its latest one.
+unreadable steps are then deleted, since orbax would not save a step at or below its latest one. Each step's
+array shapes are first compared with the wanted state's through the step's metadata file, and a mismatched
+step is reported without calling ``manager.restore``: orbax's async restore of mismatched shapes once hung
+for good in asyncio's task cancellation (where pytest-timeout's signal could not end it).
 
 Deviation from the brief's ``JsonSave`` for the data item: grain's handler writes one file per process, which
 ``JsonSave`` (primary host only) cannot.
@@ -22,12 +25,14 @@ import os
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
 STATE = "state"
 DATA = "data"
 CHECKPOINT_DIR = "checkpoints"
+MAX_LISTED_MISMATCHES = 10
 
 
 def checkpoint_dir(workdir: str | os.PathLike[str]) -> str:
@@ -71,6 +76,60 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
   return saved
 
 
+def _path_name(path: tuple[Any, ...]) -> str:
+  """A tree path as "params/blocks/attn/q_proj/kernel" (dict keys, sequence indices, attributes alike)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...] | None] | None:
+  """{path: shape} of the train state saved at `step`, from its metadata file alone (no array is read).
+
+  The step lives in orbax's default ``<directory>/<step>`` (``create_manager`` sets no step-name format).
+  Returns None when the metadata cannot be read (the caller's restore then reports the broken step); a leaf
+  without a shape (not an array) maps to None.
+  """
+  path = ocp.step.build_step_path(manager.directory, ocp.step.standard_name_format(), step) / STATE
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    metadata = handler.metadata(path)
+  except Exception as e:  # pylint: disable=broad-exception-caught  (restore reports the step's own error)
+    logging.warning("Could not read the metadata of checkpoint step %d (%s: %s).", step, type(e).__name__, e)
+    return None
+  finally:
+    handler.close()
+  leaves = jax.tree_util.tree_flatten_with_path(metadata)[0]
+  return {_path_name(p): (tuple(leaf.shape) if getattr(leaf, "shape", None) is not None else None)
+          for p, leaf in leaves}
+
+
+def _shape_mismatches(saved: dict[str, tuple[int, ...] | None], abstract: Any, *,
+                      partial: bool = False) -> list[str]:
+  """One line per array whose saved shape differs from `abstract`'s, or that only one side has.
+
+  Dtypes are not compared: ``StandardRestore`` casts them. With `partial`, arrays saved but not wanted are
+  fine (a partial restore skips them).
+  """
+  wanted = {_path_name(p): getattr(leaf, "shape", None)
+            for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  lines = []
+  for name in sorted(saved.keys() | wanted.keys()):
+    if name not in wanted:
+      if not partial:
+        lines.append(f"{name}: saved {saved[name]}, not in this state")
+    elif name not in saved:
+      lines.append(f"{name}: not saved, expected {tuple(wanted[name])}")
+    elif saved[name] is not None and wanted[name] is not None and saved[name] != tuple(wanted[name]):
+      lines.append(f"{name}: saved {saved[name]}, expected {tuple(wanted[name])}")
+  return lines
+
+
+def _describe_mismatches(lines: list[str]) -> str:
+  listed = lines[:MAX_LISTED_MISMATCHES]
+  more = f"\n    ... and {len(lines) - len(listed)} more" if len(lines) > len(listed) else ""
+  return (f"the saved arrays do not match the wanted state ({len(lines)} differ):\n    "
+          + "\n    ".join(listed) + more)
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
                    data_iterator: Any) -> tuple[Any, int]:
   """Restores the newest loadable step into `abstract_state`'s shardings and `data_iterator` (in place).
@@ -83,7 +142,19 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   """
   steps = sorted(manager.all_steps(), reverse=True)
   errors = []
+  listed: tuple[int, list[str]] | None = None  # (step, mismatches) last spelled out in `errors`
   for step in steps:
+    saved = _saved_shapes(manager, step)
+    mismatches = _shape_mismatches(saved, abstract_state) if saved is not None else []
+    if mismatches:  # Not handed to orbax, whose async restore of mismatched shapes once hung.
+      logging.warning("Checkpoint step %d does not match the train state (mismatched arrays: %d); trying an "
+                      "older one.", step, len(mismatches))
+      if listed is not None and listed[1] == mismatches:  # Usually every kept step: say it once.
+        errors.append(f"step {step}: the same mismatch as step {listed[0]}")
+      else:
+        errors.append(f"step {step}: {_describe_mismatches(mismatches)}")
+        listed = (step, mismatches)
+      continue
     args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
                                  DATA: grain.checkpoint.CheckpointRestore(data_iterator)})
     try:
@@ -116,6 +187,9 @@ def restore_subtree(workdir: str | os.PathLike[str], abstract_subtree: dict[str,
 
   Returns:
     (the restored subtree, its step).
+
+  Raises:
+    ValueError: naming the arrays whose saved shapes differ from `abstract_subtree`'s (checked first).
   """
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
@@ -131,6 +205,10 @@ def restore_subtree(workdir: str | os.PathLike[str], abstract_subtree: dict[str,
       step = max(steps)
     elif step not in steps:
       raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; available: {sorted(steps)}.")
+    saved = _saved_shapes(manager, step)
+    mismatches = _shape_mismatches(saved, abstract_subtree, partial=True) if saved is not None else []
+    if mismatches:
+      raise ValueError(f"Checkpoint step {step} in {directory}: {_describe_mismatches(mismatches)}")
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
     partial = ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args, partial_restore=True)
     args = ocp.args.Composite(**{STATE: partial})
