@@ -35,6 +35,7 @@ def test_profile_mode_writes_one_summary_per_cell(tmp_path, monkeypatch):
   outcomes = iter([dict(status="ok", train_step_s=0.01, profile=profile), dict(status="error", error="boom")])
   monkeypatch.setattr(model_sweep, "launch", lambda spec, mode, args, timeout: next(outcomes))
   monkeypatch.setattr(model_sweep, "environment", lambda: dict(device_kind="NVIDIA H100 80GB HBM3"))
+  monkeypatch.setenv("XLA_FLAGS", "")  # main sets the workers' flags in os.environ; restored after the test
   args = argparse.Namespace(out_dir=str(tmp_path), tag="_t", jobs=0, cell_timeout_s=10)
   trace_summary.main(model_sweep.extra_cells("DiG-S/2:256:bf16,DiT-S/2:256:bf16"), args)
   (written,) = tmp_path.glob("profile_*_t.txt")
@@ -42,6 +43,15 @@ def test_profile_mode_writes_one_summary_per_cell(tmp_path, monkeypatch):
   assert "== DiG-S/2 256px B32 bf16 (step 10.00 ms wall): GPU kernel time 1.500 ms / step" in text
   assert "by category: gla_op 1.000, other 0.500" in text and "fusion.1" in text
   assert "== DiT-S/2-xla 256px B32 bf16: error boom" in text
+  assert "XLA_FLAGS=--xla_gpu_enable_command_buffer=\n" in text  # per-op times need command buffers off
+
+
+def test_profile_turns_command_buffers_off_unless_the_flags_choose():
+  from benchmarks import trace_summary
+  assert trace_summary.profile_xla_flags("") == "--xla_gpu_enable_command_buffer="
+  assert trace_summary.profile_xla_flags("--xla_dump_to=/d") == "--xla_dump_to=/d --xla_gpu_enable_command_buffer="
+  own = "--xla_gpu_enable_command_buffer=FUSION"
+  assert trace_summary.profile_xla_flags(own) == own
 
 
 def test_model_diagnostics_patch_the_gla_layer_as_documented(monkeypatch):
