@@ -333,6 +333,18 @@ def _profile(one_step, hlo_text: str, spec: dict[str, Any], steps: int = 3) -> d
   return trace_summary.summarize(trace_dir, hlo_text, steps)
 
 
+def _save_hlo(spec: dict[str, Any], which: str, compiled, out: dict[str, Any]) -> None:
+  """With spec["hlo_prefix"], writes the optimised module (`compiled.as_text()`, the compiler's choices
+  included: `hlo_decisions`) to <prefix>_<which>.txt.gz and records the path in out["hlo_files"]."""
+  if not spec.get("hlo_prefix"):
+    return
+  import gzip
+  path = f"{spec['hlo_prefix']}_{which}.txt.gz"
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    f.write(compiled.as_text())
+  out.setdefault("hlo_files", {})[which] = path
+
+
 def run_worker(spec: dict[str, Any], mode: str, steps: int) -> dict[str, Any]:
   """Compiles (mode "compile") or compiles and times (mode "run") one cell; returns a result dict."""
   import contextlib
@@ -352,6 +364,7 @@ def run_worker(spec: dict[str, Any], mode: str, steps: int) -> dict[str, Any]:
       step = step_fn.lower(state, batch, rng).compile()
       out["train_compile_s"] = time.perf_counter() - t0
       out["train_memory_analysis"] = _memory_analysis(step)
+      _save_hlo(spec, "train", step, out)
       b, latent = spec["batch"], spec["px"] // 8
       keys = jax.random.split(jax.random.key(1), 3)
       x = jax.random.normal(keys[0], (b, latent, latent, 4), jnp.float32)
@@ -362,6 +375,7 @@ def run_worker(spec: dict[str, Any], mode: str, steps: int) -> dict[str, Any]:
       fwd = fwd_fn.lower(*fwd_args).compile()
       out["forward_compile_s"] = time.perf_counter() - t0
       out["forward_memory_analysis"] = _memory_analysis(fwd)
+      _save_hlo(spec, "forward", fwd, out)
       if mode == "compile":
         return out
       stage = "train"

@@ -1,0 +1,70 @@
+"""benchmarks/compile_variance.py with the worker replaced (no GPU here), and the worker's module dump on CPU."""
+import gzip
+import json
+
+import pytest
+
+from benchmarks import compile_variance, hlo_decisions, model_sweep
+
+_GEMM = ('  %custom-call.1 = (bf16[64,64]{{1,0}}, s8[8]{{0}}) custom-call(%a), custom_call_target='
+         '"__cublas$lt$matmul", metadata={{op_name="jit(train_step)/mlp/dot_general"}}, '
+         'backend_config={{"gemm_backend_config":{{"selected_algorithm":"{alg}"}}}}')
+
+
+def test_variants_are_named_flags_and_typos_fail_clearly():
+  assert compile_variance.parse_variants(["no_tune=--xla_gpu_autotune_level=0"]) == {
+      "default": "", "no_tune": "--xla_gpu_autotune_level=0"}
+  for bad in (["--xla_gpu_autotune_level=0"], ["x="], ["default=--a=1"], ["a b=--c=1"], ["a=--b=1", "a=--c=2"]):
+    with pytest.raises(SystemExit, match="--variant"):
+      compile_variance.parse_variants(bad)
+
+
+def test_rounds_compare_the_fastest_and_slowest_compilation_and_keep_only_their_modules(
+    monkeypatch, tmp_path):
+  calls = []
+  speeds = iter([300.0, 100.0, 280.0, 90.0, 310.0, 95.0])  # default, tuned, tuned, default, default, tuned
+
+  def fake_launch(spec, mode, args, timeout):
+    assert mode == "run" and args.cache_dir == ""        # every run compiles afresh
+    calls.append((spec["hlo_prefix"].rsplit("_", 2)[-2:], compile_variance.os.environ["XLA_FLAGS"]))
+    speed = next(speeds)
+    files = {}
+    for which in ("train", "forward"):
+      files[which] = f"{spec['hlo_prefix']}_{which}.txt.gz"
+      with gzip.open(files[which], "wt") as f:
+        f.write(_GEMM.format(alg="7" if speed > 200 else "0"))
+    return dict(spec, status="ok", train_images_per_s=speed, forward_images_per_s=speed * 3,
+                train_peak_bytes=2**30, hlo_files=files)
+
+  monkeypatch.setattr(model_sweep, "launch", fake_launch)
+  monkeypatch.setattr(model_sweep, "environment", lambda: dict(device_kind="NVIDIA H100 80GB HBM3"))
+  monkeypatch.setenv("XLA_FLAGS", "--base")
+  compile_variance.main(["--cell", "DiG-S/2:256:bf16", "--compiles", "3", "--out_dir", str(tmp_path),
+                         "--variant", "tuned=--xla_gpu_autotune_level=0"])
+  assert [c[0] for c in calls] == [["default", "r0"], ["tuned", "r0"], ["tuned", "r1"], ["default", "r1"],
+                                   ["default", "r2"], ["tuned", "r2"]]       # order reversed every other round
+  assert {c[1] for c in calls} == {"--base", "--base --xla_gpu_autotune_level=0"}
+  assert compile_variance.os.environ["XLA_FLAGS"] == "--base"             # restored
+  result = json.loads((tmp_path / "compile_variance_h100.json").read_text())
+  assert result["summary"]["default"]["train_images_per_s"]["values"] == [300.0, 90.0, 310.0]
+  assert result["summary"]["tuned"]["train_images_per_s"]["median"] == 100.0
+  extremes = result["default_fastest_vs_slowest"]
+  assert (extremes["fast_round"], extremes["slow_round"]) == (2, 1)
+  assert extremes["train_ratio"] == pytest.approx(310 / 90)
+  assert extremes["train"]["changed"][0]["first"] == "__cublas$lt$matmul: algorithm 7"
+  assert extremes["forward"]["changed_by_category"] == {"cublas algorithm": 1}
+  kept = sorted(p.name for p in tmp_path.glob("*.txt.gz"))
+  assert kept == [f"compile_variance_h100_default_r{r}_{w}.txt.gz" for r in (1, 2) for w in ("forward", "train")]
+  assert "3.44x in training" in (tmp_path / "compile_variance_h100.log").read_text()
+
+
+def test_the_worker_writes_its_optimised_modules_when_asked(tmp_path):
+  """A real (tiny) cell on CPU: both modules written, readable by hlo_decisions."""
+  (spec,) = model_sweep.extra_cells("DiG-S/2:32:fp32:depth=1:hidden_size=64:num_heads=2:batch=2")
+  spec["hlo_prefix"] = str(tmp_path / "cell")
+  out = model_sweep.run_worker(spec, "compile", steps=1)
+  assert out["status"] == "ok", out.get("error")
+  assert set(out["hlo_files"]) == {"train", "forward"}
+  for path in out["hlo_files"].values():
+    found = hlo_decisions.decisions(hlo_decisions.read_text(path))
+    assert found and all(d.kind for d in found.values())
