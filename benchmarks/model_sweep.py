@@ -1,6 +1,6 @@
 """Resolution sweep of DiG against DiT (issue #5; the paper's teaser, dig_spec.md §5.4-5.5): speed, memory.
 
-Run on the GPU machine: ``python -m benchmarks.model_sweep [--quick] [--out_dir=DIR] [--jobs=N]``.
+On the GPU machine: ``python -m benchmarks.model_sweep [--quick] [--out_dir=DIR] [--jobs=N] [--gpus=N]``.
 
 Every cell is one (model, attention/GLA implementation, image size, batch, precision). A cell measures
 - a full training step: ``dig_jax.train.train_step`` itself (forward, DiT's diffusion loss MSE + VB with
@@ -28,6 +28,11 @@ came out 1.35x slower than when compiled alone (benchmarks/NOTES.md); for close 
 whose order reverses every other round (`run_order`: cells drift within a command),
 each time compiled afresh without the persistent cache, so the spread covers compilation as well as run-time
 noise (a median and min-max per cell are printed).
+``--gpus=N`` spreads a sweep over N GPUs of one kind with a barrier: first all pre-compilation (its workers
+spread over the GPUs), then the timed cells, one at a time per GPU, from one queue; a cell's throughput is its
+own GPU's (``"gpu"`` in its result). Nothing compiles while a cell is timed, as the host's CPUs are shared
+(benchmarks/NOTES.md, "H200 (session 14)": small cells on one GPU were slowed while another sweep compiled),
+so N > 1 refuses ``--jobs=0`` and ``--repeats`` (both compile in the timed workers).
 ``--profile`` instead traces training steps of the ``--extra`` cells and writes per-op GPU time
 (`trace_summary.py`); ``--extra`` adds cells such as ``"DiG-S/2:256:bf16:gla=chunked"`` (see `extra_cells`).
 """
@@ -40,8 +45,9 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 SIZES = (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
 BATCH = {256: 32, 512: 8, 768: 4, 1024: 4, 1280: 2, 1536: 2, 1792: 2, 2048: 2}
@@ -435,12 +441,19 @@ def _compile_cost(spec: dict[str, Any]) -> float:
 
 
 def environment() -> dict[str, Any]:
+  """This process's devices (all visible GPUs). Its JAX client preallocates nothing: the BFC pool is taken at
+  the first allocation and this process allocates none (session 14: a worker's peak reached 122.6 of 132.8
+  GiB beside it on one H200), so it needs no XLA_PYTHON_CLIENT_PREALLOCATE=false (the workers would inherit
+  it)."""
   import jax
   import jaxlib
-  device = jax.devices()[0]
-  env = dict(device_kind=device.device_kind, platform=device.platform, jax=jax.__version__,
-             jaxlib=jaxlib.__version__, python=sys.version.split()[0],
+  devices = jax.devices()
+  device = devices[0]
+  env = dict(device_kind=device.device_kind, platform=device.platform, device_count=len(devices),
+             jax=jax.__version__, jaxlib=jaxlib.__version__, python=sys.version.split()[0],
              date=time.strftime("%Y-%m-%d %H:%M:%S"))
+  if len({d.device_kind for d in devices}) > 1:
+    env["device_kinds"] = [d.device_kind for d in devices]
   try:
     env["nvidia_smi"] = subprocess.run(
         ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
@@ -450,9 +463,14 @@ def environment() -> dict[str, Any]:
   return env
 
 
-def launch(spec: dict[str, Any], mode: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
-  """Runs one worker subprocess; a crash or timeout becomes an error result."""
+def launch(spec: dict[str, Any], mode: str, args: argparse.Namespace, timeout: float,
+           gpu: int | None = None) -> dict[str, Any]:
+  """Runs one worker subprocess; a crash or timeout becomes an error result. `gpu`: the worker sees only this
+  process's GPU of that index (CUDA_VISIBLE_DEVICES); None: all that this process sees."""
   env = dict(os.environ, PYTHONUNBUFFERED="1")
+  if gpu is not None:
+    visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    env["CUDA_VISIBLE_DEVICES"] = visible[gpu] if visible else str(gpu)
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   if mode == "compile":
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -510,6 +528,63 @@ def print_table(results: list[dict[str, Any]], log) -> None:
     log(f"{r['label']:34s} {r['px']:5d} {r['batch']:3d} {r['precision']:>4s} | {fmt_cell(r)} | {comp}")
 
 
+def precompile(cells: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+  """Compiles `cells` into the persistent cache with `args.jobs` workers, slowest first; returns when all are
+  done. Compile worker i uses GPU i % ``args.gpus``, as XLA autotunes on the GPU while compiling; the cache
+  key holds the device kind, not the GPU's index (jax/_src/cache_key.py; device assignments are stripped on
+  GPU), so a timed run on GPU j loads what a worker compiled on GPU i of the same kind."""
+  worker_gpu, worker_count = threading.local(), iter(range(args.jobs))
+
+  def pick_gpu() -> None:  # once in each compile worker thread
+    worker_gpu.index = next(worker_count) % args.gpus
+
+  def compile_cell(c: dict[str, Any]) -> dict[str, Any]:
+    on_gpu = {} if args.gpus == 1 else {"gpu": worker_gpu.index}
+    return dict(launch(c, "compile", args, args.cell_timeout_s + 60, **on_gpu), **on_gpu)
+
+  by_cost = sorted(cells, key=lambda c: -_compile_cost(c))  # start the slowest compiles first
+  with concurrent.futures.ThreadPoolExecutor(args.jobs, initializer=pick_gpu) as pool:
+    return list(pool.map(compile_cell, by_cost))
+
+
+def run_timed_cells(order: list[tuple[int, dict[str, Any]]], args: argparse.Namespace, start: float,
+                    on_result: Callable[[dict[str, Any], bool], None]) -> None:
+  """Runs the (repeat, cell) items of `order` (`run_order`) one cell at a time per GPU: with one GPU in this
+  thread, else in one thread per GPU, each taking the next item. `on_result(result, launched)` gets every
+  result, under one lock; n/a cells (cuDNN fp32, first repeat only) and cells past the deadline unlaunched."""
+  pending, lock, stop = iter(order), threading.Lock(), threading.Event()
+
+  def run_on(gpu: int | None) -> None:
+    while not stop.is_set():
+      with lock:
+        repeat, c = next(pending, (None, None))
+      if c is None:
+        return
+      on_gpu, launched = ({} if gpu is None else {"gpu": gpu}), False
+      if c["attention"] == "cudnn" and c["precision"] == "fp32":
+        if repeat > 0:
+          continue
+        result = dict(c, status="n/a", error="cuDNN flash attention needs bf16/fp16")
+      elif time.time() - start > args.deadline_s:
+        result = dict(c, status="skipped", error="deadline", repeat=repeat)
+      else:
+        result = dict(launch(c, "run", args, args.cell_timeout_s, **on_gpu), repeat=repeat, **on_gpu)
+        launched = True
+      with lock:
+        on_result(result, launched)
+
+  if args.gpus == 1:
+    return run_on(None)
+  with concurrent.futures.ThreadPoolExecutor(args.gpus) as pool:
+    runs = [pool.submit(run_on, gpu) for gpu in range(args.gpus)]
+    try:
+      concurrent.futures.wait(runs, return_when=concurrent.futures.FIRST_EXCEPTION)
+    finally:  # an error (or Ctrl-C) ends the sweep as on one GPU: no GPU starts another cell
+      stop.set()
+    for run in runs:
+      run.result()
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="two sizes, bf16, few steps (a smoke run)")
@@ -531,6 +606,8 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=1,
                       help="run every cell this many times, round-robin, each compiled afresh "
                            "(implies --jobs=0)")
+  parser.add_argument("--gpus", type=int, default=1, help="time cells on this many GPUs, one cell per GPU at "
+                      "a time, after all pre-compilation (see the docstring)")
   parser.add_argument("--profile", action="store_true",
                       help="trace the --extra cells instead (trace_summary)")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -539,6 +616,11 @@ def main() -> None:
   if args.worker:
     worker_main(args)
     return
+  if args.gpus < 1:
+    raise SystemExit(f"--gpus must be >= 1; got {args.gpus}")
+  if args.gpus > 1 and (args.repeats > 1 or args.jobs < 1 or args.profile):
+    raise SystemExit(f"--gpus {args.gpus} needs pre-compilation (--jobs >= 1), no --repeats, no --profile: "
+                     "no cell may compile while another GPU times a cell (repeats compile in their runs)")
   if args.profile:
     from benchmarks import trace_summary
     trace_summary.main(extra_cells(args.extra), args)
@@ -547,6 +629,10 @@ def main() -> None:
   start = time.time()
   os.makedirs(args.out_dir, exist_ok=True)
   env = environment()
+  if args.gpus > 1 and (env["device_count"] < args.gpus or "device_kinds" in env):
+    kinds = env.get("device_kinds", env["device_kind"])
+    raise SystemExit(f"--gpus {args.gpus}: this process sees {env['device_count']} {env['platform']} "
+                     f"device(s), {kinds}; it needs {args.gpus} of one kind")
   from benchmarks.bench_common import card_slug
   card = card_slug(env["device_kind"])
   out_stem = os.path.join(args.out_dir, f"model_sweep_{card}{_suffix(args.tag)}")
@@ -582,12 +668,9 @@ def main() -> None:
   if args.repeats > 1:  # every run compiles on its own, without the persistent cache (see the docstring)
     args.jobs, args.cache_dir = 0, ""
 
-  if args.jobs > 0:
+  if args.jobs > 0:  # all of it before the first timed cell, on any GPU
     t0 = time.time()
-    by_cost = sorted(runnable, key=lambda c: -_compile_cost(c))  # start the slowest compiles first
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-      compiled = list(pool.map(lambda c: launch(c, "compile", args, args.cell_timeout_s + 60), by_cost))
-    for r in compiled:
+    for r in precompile(runnable, args):
       if r["status"] != "ok":
         log(f"  compile {r['label']} {r['px']} {r['precision']}: {r['status']} {r.get('error', '')[:300]}")
     log(f"pre-compiled {len(runnable)} cells in {time.time() - t0:.0f} s")
@@ -597,22 +680,21 @@ def main() -> None:
   def save(**extra: Any) -> None:  # after every cell, so a sweep cut short keeps its finished cells
     if earlier_envs:
       extra["earlier_environments"] = earlier_envs
+    if args.gpus > 1:
+      extra["gpus"] = args.gpus
     with open(out_path, "w", encoding="utf-8") as f:
       json.dump(dict(environment=env, card=card, batch_sizes=BATCH, results=results, **extra), f, indent=1)
 
-  for repeat, c in run_order(cells, args.repeats):
-    if c["attention"] == "cudnn" and c["precision"] == "fp32":
-      if repeat == 0:
-        results.append(dict(c, status="n/a", error="cuDNN flash attention needs bf16/fp16"))
-      continue
-    if time.time() - start > args.deadline_s:
-      results.append(dict(c, status="skipped", error="deadline", repeat=repeat))
-      continue
-    r = dict(launch(c, "run", args, args.cell_timeout_s), repeat=repeat)
+  def on_result(r: dict[str, Any], launched: bool) -> None:
     results.append(r)
-    log(f"[{time.time() - start:5.0f}s] {r['label']:34s} {r['px']:5d} B{r['batch']:<3d} {r['precision']} "
-        f"{fmt_cell(r)}" + (f"  {r.get('error', '')[:200]}" if r["status"] not in ("ok", "oom") else ""))
-    save()
+    if launched:
+      where = f"gpu{r['gpu']} " if "gpu" in r else ""
+      log(f"[{time.time() - start:5.0f}s] {where}{r['label']:34s} {r['px']:5d} B{r['batch']:<3d} "
+          f"{r['precision']} {fmt_cell(r)}"
+          + (f"  {r.get('error', '')[:200]}" if r["status"] not in ("ok", "oom") else ""))
+      save()
+
+  run_timed_cells(run_order(cells, args.repeats), args, start, on_result)
   print_table(results, log)
   if args.repeats > 1:
     summary = summarize_repeats(results)

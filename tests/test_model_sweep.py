@@ -94,18 +94,26 @@ def test_repeats_alternate_the_order_of_the_cells():
   assert model_sweep.run_order([a], 1) == [(0, a)]
 
 
-def _run_main(monkeypatch, tmp_path, argv, device_kind="NVIDIA H100 80GB HBM3"):
-  """model_sweep.main with the workers replaced: every launched cell reports 1000 img/s; returns the specs."""
+def _ok_result(spec):
+  return dict(spec, status="ok", train_images_per_s=1000.0, train_peak_bytes=2**30, forward_images_per_s=1.0)
+
+
+def _run_main(monkeypatch, tmp_path, argv, device_kind="NVIDIA H100 80GB HBM3", device_count=1,
+              device_kinds=None, fake_launch=None):
+  """model_sweep.main with the workers replaced: every launched cell reports 1000 img/s; returns the specs
+  (the default fake takes launch's four arguments only: with one GPU, main passes no `gpu`)."""
   import sys
   launched = []
 
-  def fake_launch(spec, mode, args, timeout):
+  def record_launch(spec, mode, args, timeout):
     launched.append(spec)
-    return dict(spec, status="ok", train_images_per_s=1000.0, train_peak_bytes=2**30,
-                forward_images_per_s=1.0)
+    return _ok_result(spec)
 
-  monkeypatch.setattr(model_sweep, "launch", fake_launch)
-  monkeypatch.setattr(model_sweep, "environment", lambda: dict(device_kind=device_kind))
+  monkeypatch.setattr(model_sweep, "launch", fake_launch or record_launch)
+  env = dict(device_kind=device_kind, device_count=device_count, platform="gpu")
+  if device_kinds:  # environment() names the kinds only when they differ
+    env["device_kinds"] = device_kinds
+  monkeypatch.setattr(model_sweep, "environment", lambda: dict(env))
   monkeypatch.setattr(sys, "argv", ["model_sweep", "--out_dir", str(tmp_path), "--jobs", "0", "--no_sweep",
                                     "--tag", "t", *argv])
   model_sweep.main()
@@ -146,3 +154,98 @@ def test_resume_refuses_another_card_or_a_foreign_file_and_leaves_it_alone(monke
   assert path.read_text() == "{not json"
   with pytest.raises(SystemExit, match="cannot be combined with --repeats"):
     _run_main(monkeypatch, tmp_path, extra + ["--resume", "--repeats", "2"])
+
+
+TWO_GPU_CELLS = ["--extra", "DiG-S/2:256:bf16,DiT-S/2:256:bf16:attention=cudnn,"
+                 "DiT-S/2:256:fp32:attention=cudnn,DiG-S/2:512:bf16,DiT-S/2:512:bf16,DiG-XL/2:256:bf16"]
+
+
+def test_two_gpus_compile_everything_first_then_run_one_cell_per_gpu_at_a_time(monkeypatch, tmp_path):
+  """--gpus 2: a barrier between compilation and timed runs, each run on one GPU, never two on one GPU."""
+  import json
+  import threading
+  import time
+  lock = threading.Lock()
+  calls, in_flight, overlaps = [], {0: 0, 1: 0}, []
+
+  def fake_launch(spec, mode, args, timeout, gpu=None):
+    with lock:
+      calls.append((mode, spec["label"], spec["px"], gpu))
+      if mode == "run":
+        in_flight[gpu] += 1
+        if in_flight[gpu] > 1:
+          overlaps.append((gpu, spec["label"]))
+    time.sleep(0.01)
+    with lock:
+      if mode == "run":
+        in_flight[gpu] -= 1
+    return _ok_result(spec)
+
+  _run_main(monkeypatch, tmp_path, TWO_GPU_CELLS + ["--gpus", "2", "--jobs", "2"], device_count=2,
+            fake_launch=fake_launch)
+  modes = [mode for mode, *_ in calls]
+  assert modes == ["compile"] * 5 + ["run"] * 5              # cuDNN fp32 is n/a: neither compiled nor run
+  assert {gpu for mode, *_, gpu in calls if mode == "compile"} <= {0, 1}
+  run_gpus = [gpu for mode, *_, gpu in calls if mode == "run"]
+  assert set(run_gpus) == {0, 1} and not overlaps
+  saved = json.loads((tmp_path / "model_sweep_h100_t.json").read_text())
+  assert saved["gpus"] == 2
+  ran = [r for r in saved["results"] if r["status"] == "ok"]
+  assert len(ran) == 5 and all(r["gpu"] in (0, 1) for r in ran)
+  assert [r["status"] for r in saved["results"] if "gpu" not in r] == ["n/a"]
+  log = (tmp_path / "model_sweep_h100_t.log").read_text()
+  assert "s] gpu0 " in log and "s] gpu1 " in log
+
+
+def test_two_gpus_resume_keeps_finished_cells(monkeypatch, tmp_path):
+  import json
+  path = tmp_path / "model_sweep_h100_t.json"
+  argv = TWO_GPU_CELLS + ["--gpus", "2", "--jobs", "2"]
+  _run_main(monkeypatch, tmp_path, argv, device_count=2,
+            fake_launch=lambda spec, mode, args, timeout, gpu=None: _ok_result(spec))
+  saved = json.loads(path.read_text())
+  saved["results"] = [r for r in saved["results"] if r["label"] != "DiG-XL/2"]   # as if cut short
+  path.write_text(json.dumps(saved))
+  runs = []
+
+  def fake_launch(spec, mode, args, timeout, gpu=None):
+    runs.append((mode, spec["label"], gpu))
+    return _ok_result(spec)
+
+  _run_main(monkeypatch, tmp_path, argv + ["--resume"], device_count=2, fake_launch=fake_launch)
+  assert [(mode, label) for mode, label, _ in runs] == [("compile", "DiG-XL/2"), ("run", "DiG-XL/2")]
+  merged = json.loads(path.read_text())["results"]
+  assert len(merged) == 6 and merged[-1]["label"] == "DiG-XL/2" and merged[-1]["gpu"] in (0, 1)
+
+
+def test_launch_lets_the_worker_see_only_its_gpu(monkeypatch):
+  """`gpu` indexes the GPUs this process sees: CUDA_VISIBLE_DEVICES=4,6 and gpu=1 -> the worker's is 6."""
+  seen = []
+
+  def fake_subprocess_run(cmd, env, **kw):
+    seen.append(env.get("CUDA_VISIBLE_DEVICES"))
+    return model_sweep.subprocess.CompletedProcess(cmd, 1, "", "boom")
+
+  monkeypatch.setattr(model_sweep.subprocess, "run", fake_subprocess_run)
+  args = model_sweep.argparse.Namespace(steps=1, cache_dir="")
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+  model_sweep.launch({}, "run", args, 1.0, gpu=1)
+  model_sweep.launch({}, "run", args, 1.0)
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+  assert model_sweep.launch({}, "run", args, 1.0, gpu=1)["status"] == "crash"
+  assert seen == ["1", None, "6"]
+
+
+def test_gpus_refuses_zero_repeats_no_precompilation_and_too_few_devices(monkeypatch, tmp_path):
+  extra = ["--extra", "DiG-S/2:256:bf16"]
+  for argv, message in ((["--gpus", "0"], "--gpus must be >= 1; got 0"),
+                        (["--gpus", "2", "--jobs", "2", "--repeats", "2"], "pre-compilation.*no --repeats"),
+                        (["--gpus", "2", "--jobs", "0"], "--gpus 2 needs pre-compilation")):
+    with pytest.raises(SystemExit, match=message):
+      _run_main(monkeypatch, tmp_path, extra + argv, device_count=2)
+  with pytest.raises(SystemExit, match="--gpus 3: this process sees 2 gpu device.*needs 3 of one kind"):
+    _run_main(monkeypatch, tmp_path, extra + ["--gpus", "3", "--jobs", "2"], device_count=2)
+  with pytest.raises(SystemExit, match=r"sees 2 gpu device\(s\), \['NVIDIA H100', 'NVIDIA H200'\]"):
+    _run_main(monkeypatch, tmp_path, extra + ["--gpus", "2", "--jobs", "2"], device_count=2,
+              device_kinds=["NVIDIA H100", "NVIDIA H200"])
+  assert not list(tmp_path.iterdir())     # nothing written
