@@ -177,7 +177,6 @@ def main(argv: Sequence[str]) -> None:
                                 **_cpu_info()}
   if not _FLAGS.skip_train:
     results["training"] = train(workdir, _FLAGS.override)
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from dig_jax.input_pipeline import load_embedded_mnist  # pylint: disable=g-import-not-at-top
   from dig_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   config = sample_lib.load_config(workdir)

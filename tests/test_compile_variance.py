@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import compile_variance, hlo_decisions, model_sweep
+from benchmarks import compile_variance, hlo_decisions, model_sweep, sweep_worker
 
 _GEMM = ('  %custom-call.1 = (bf16[64,64]{{1,0}}, s8[8]{{0}}) custom-call(%a), custom_call_target='
          '"__cublas$lt$matmul", metadata={{op_name="jit(train_step)/mlp/dot_general"}}, '
@@ -62,7 +62,7 @@ def test_the_worker_writes_its_optimised_modules_when_asked(tmp_path):
   """A real (tiny) cell on CPU: both modules written, readable by hlo_decisions."""
   (spec,) = model_sweep.extra_cells("DiG-S/2:32:fp32:depth=1:hidden_size=64:num_heads=2:batch=2")
   spec["hlo_prefix"] = str(tmp_path / "cell")
-  out = model_sweep.run_worker(spec, "compile", steps=1)
+  out = sweep_worker.run_worker(spec, "compile", steps=1)
   assert out["status"] == "ok", out.get("error")
   assert set(out["hlo_files"]) == {"train", "forward"}
   for path in out["hlo_files"].values():

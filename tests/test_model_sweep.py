@@ -2,7 +2,7 @@
 `--profile` report and `--resume` (workers replaced) and the model diagnostics' patches."""
 import pytest
 
-from benchmarks import model_sweep
+from benchmarks import model_sweep, sweep_worker
 
 
 def test_extra_cells_parse_model_overrides_with_types():
@@ -62,9 +62,9 @@ def test_model_diagnostics_patch_the_gla_layer_as_documented(monkeypatch):
 
   from dig_jax.models import gla_attention as gla_layer
   op = gla_layer.gla
-  model_sweep.apply_model_diagnostics("nonorm", monkeypatch.setattr)  # not a model diagnostic: no patch
+  sweep_worker.apply_model_diagnostics("nonorm", monkeypatch.setattr)  # not a model diagnostic: no patch
   assert gla_layer.gla is op
-  model_sweep.apply_model_diagnostics("lean+no_gla_op", monkeypatch.setattr)
+  sweep_worker.apply_model_diagnostics("lean+no_gla_op", monkeypatch.setattr)
   layer = gla_layer.GatedLinearAttention(64, 2, rngs=nnx.Rngs(0), dtype=jnp.float32)
   x = jax.random.normal(jax.random.key(0), (2, 8, 64))
   gate = layer.log_forget_gate(x)
