@@ -1,22 +1,24 @@
-"""One model cell compiled afresh several times: how much its speed varies, and what the compiler chose.
+"""Model cells compiled afresh several times: how much their speed varies, and what the compiler chose.
 
 Run on the GPU machine::
 
-  python -m benchmarks.compile_variance --cell "DiG-S/2:256:bf16" --compiles 4 \\
-      [--variant "autotune0=--xla_gpu_autotune_level=0" ...] [--out_dir DIR]
+  python -m benchmarks.compile_variance --cells "DiG-S/2:256:bf16,DiT-S/2:256:bf16:attention=cudnn" \\
+      --compiles 4 [--variant "notune=--xla_gpu_autotune_level=0" ...] [--out_dir DIR]
 
 Why: in session 14 (H200; benchmarks/NOTES.md) the same DiG-S/2 256 px training step, each time compiled in a
 fresh process without the compilation cache, trained at 3621, 2453 and 2488 img/s (sampling forward 12357,
 6653, 6769) while DiT-S/2 stayed within 2 %. XLA:GPU autotunes while compiling, so the suspect is its
-choices; this script settles it. Each compilation is a `model_sweep` worker (same step, same timing) in its
-own process, without the persistent cache, that also writes its optimised modules (training step and
-forward). Per variant (the caller's XLA_FLAGS as "default", plus each ``--variant NAME=FLAGS`` appended to
-them, e.g. a flag that turns autotuning off or loads saved autotune results) the compilations run in rounds
-whose order reverses every other round, as `model_sweep --repeats` does. At the end it prints, per variant,
-training and forward images/s (median, min, max), and for the default variant the compiler's choices that
-differ between its fastest and slowest compilation (`hlo_decisions.compare`, training step and forward,
-largest results first). Only those two compilations' modules are kept; the result
-(``compile_variance_<card>.json``) holds every run and both comparisons. Nothing here changes the model.
+choices; this script settles it, and compares cells under XLA flags with that noise in view. Each
+compilation is a `model_sweep` worker (same step, same timing) in its own process, without the persistent
+cache, that also writes its optimised modules (training step and forward). Per cell and variant (the
+caller's XLA_FLAGS as "default", plus each ``--variant NAME=FLAGS`` appended to them, e.g. a flag that turns
+autotuning off or loads saved autotune results) the compilations run in rounds whose order reverses every
+other round, as `model_sweep --repeats` does. At the end it prints, per cell and variant, training and
+forward images/s (median, min, max), per variant the first cell's median over each other cell's, and, for
+each cell whose default fastest and slowest compilation differ by ``--keep_spread`` or more, the compiler's
+choices that differ between those two (`hlo_decisions.compare`, training step and forward, largest results
+first). Only those two compilations' modules are kept; the result (``compile_variance_<card>.json``) holds
+every run and the comparisons. Nothing here changes the model.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ MAX_LISTED = 200  # differing instructions kept per comparison in the JSON
 
 
 def parse_variants(specs: list[str]) -> dict[str, str]:
-  """["autotune0=--xla_gpu_autotune_level=0"] -> {"default": "", "autotune0": "--xla_gpu_autotune_level=0"}."""
+  """["notune=--xla_gpu_autotune_level=0"] -> {"default": "", "notune": "--xla_gpu_autotune_level=0"}."""
   variants = {DEFAULT: ""}
   for spec in specs:
     name, sep, flags = spec.partition("=")
@@ -47,9 +49,9 @@ def parse_variants(specs: list[str]) -> dict[str, str]:
   return variants
 
 
-def run_order(variants: list[str], compiles: int) -> list[tuple[int, str]]:
-  """(round, variant): every variant once per round, the order reversed every other round (drift)."""
-  return [(i, v) for i in range(compiles) for v in (variants if i % 2 == 0 else variants[::-1])]
+def run_order(items: list, compiles: int) -> list[tuple[int, Any]]:
+  """(round, item): every item once per round, the order reversed every other round (drift)."""
+  return [(i, x) for i in range(compiles) for x in (items if i % 2 == 0 else items[::-1])]
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,11 +91,46 @@ def _prune_modules(runs: list[dict[str, Any]], keep_rounds: set[int]) -> None:
           os.remove(path)
 
 
+def _summary_lines(groups: list[dict[str, Any]], variants: dict[str, str]) -> list[str]:
+  """Per cell and variant the spread; per variant the first cell's median over each other cell's."""
+  lines = []
+  for g in groups:
+    s = g["summary"]
+    cols = [f"{key.split('_')[0]} {s[key]['median']:.1f} [{s[key]['min']:.1f}, {s[key]['max']:.1f}]"
+            for key in ("train_images_per_s", "forward_images_per_s") if key in s]
+    lines.append(f"{g['label']:34s} {g['variant']:12s} {s['ok']}/{s['runs']} ok  " + "  ".join(cols))
+  first = groups[0]["label"]
+  for variant in variants:
+    medians = {g["label"]: g["summary"]["train_images_per_s"]["median"] for g in groups
+               if g["variant"] == variant and "train_images_per_s" in g["summary"]}
+    for label, median in medians.items():
+      if label != first and first in medians:
+        lines.append(f"{variant:12s} training, median {first} / {label}: {medians[first] / median:.3f}x")
+  return lines
+
+
+def _extremes_lines(group: dict[str, Any]) -> list[str]:
+  extremes = group["fastest_vs_slowest"]
+  lines = [f"{group['label']} ({group['variant']}): fastest (round {extremes['fast_round']}) / slowest "
+           f"(round {extremes['slow_round']}) = {extremes['train_ratio']:.2f}x in training"]
+  for which in ("train", "forward"):
+    if which in extremes:
+      lines.append(f"-- {which}: fastest -> slowest\n" + hlo_decisions.format_comparison(
+          extremes[which], ("fastest", "slowest"), top=25))
+      extremes[which]["changed"] = extremes[which]["changed"][:MAX_LISTED]
+  return lines
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--cell", default="DiG-S/2:256:bf16", help="one cell, `model_sweep --extra` syntax")
-  parser.add_argument("--compiles", type=int, default=4, help="fresh compilations per variant")
-  parser.add_argument("--variant", action="append", default=[], help="NAME=XLA_FLAGS appended to the caller's")
+  parser.add_argument("--cells", default="DiG-S/2:256:bf16",
+                      help="comma-separated cells, `model_sweep --extra` syntax; ratios are to the first")
+  parser.add_argument("--compiles", type=int, default=4, help="fresh compilations per cell and variant")
+  parser.add_argument("--variant", action="append", default=[],
+                      help="NAME=XLA_FLAGS appended to the caller's XLA_FLAGS (repeatable)")
+  parser.add_argument("--keep_spread", type=float, default=1.1,
+                      help="keep (and compare) the modules of a cell's default fastest and slowest run "
+                           "when they differ by at least this factor; 0: always")
   parser.add_argument("--out_dir", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__),
                                                                                   "results"))
   parser.add_argument("--steps", type=int, default=5, help="minimum timed steps per run")
@@ -101,9 +138,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--deadline_s", type=float, default=540.0, help="start no run after this many seconds")
   parser.add_argument("--tag", default="", help="suffix of the output file name")
   args = parser.parse_args(argv)
-  cells = model_sweep.extra_cells(args.cell)
-  if len(cells) != 1:
-    raise SystemExit(f"--cell wants exactly one cell; got {len(cells)} from {args.cell!r}")
+  cells = model_sweep.extra_cells(args.cells)
+  if not cells:
+    raise SystemExit(f"--cells names no cell: {args.cells!r}")
   if args.compiles < 2:
     raise SystemExit(f"--compiles must be >= 2 (a spread needs two runs); got {args.compiles}")
   variants = parse_variants(args.variant)
@@ -114,49 +151,44 @@ def main(argv: list[str] | None = None) -> None:
                       f"{'_' + args.tag if args.tag else ''}")
   base_flags = os.environ.get("XLA_FLAGS", "")
   worker_args = argparse.Namespace(steps=args.steps, cache_dir="")  # no persistent cache: compile afresh
-  runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-  log_lines = [f"{env}\ncell {cells[0]['label']} {cells[0]['px']} px B{cells[0]['batch']} "
-               f"{cells[0]['precision']}; XLA_FLAGS={base_flags!r}; variants {variants}"]
+  groups = [dict(cell=c, label=f"{c['label']} {c['px']} {c['precision']}", variant=v, runs=[])
+            for c in cells for v in variants]
+  log_lines = [f"{env}\ncells {[g['label'] for g in groups[::len(variants)]]}; XLA_FLAGS={base_flags!r}; "
+               f"variants {variants}"]
   print(log_lines[0], flush=True)
   try:
-    for round_index, variant in run_order(list(variants), args.compiles):
+    for round_index, index in run_order(list(range(len(groups))), args.compiles):
+      group = groups[index]
       if time.time() - start > args.deadline_s:
-        runs[variant].append(dict(status="skipped", round=round_index, error="deadline"))
+        group["runs"].append(dict(status="skipped", round=round_index, error="deadline"))
         continue
-      spec = dict(cells[0], hlo_prefix=f"{stem}_{variant}_r{round_index}")
-      os.environ["XLA_FLAGS"] = f"{base_flags} {variants[variant]}".strip()  # `launch` copies os.environ
+      prefix = f"{stem}_c{index // len(variants)}_{group['variant']}_r{round_index}"
+      spec = dict(group["cell"], hlo_prefix=prefix)
+      os.environ["XLA_FLAGS"] = f"{base_flags} {variants[group['variant']]}".strip()  # `launch` copies it
       result = dict(model_sweep.launch(spec, "run", worker_args, args.cell_timeout_s), round=round_index)
-      runs[variant].append(result)
-      line = (f"[{time.time() - start:5.0f}s] {variant:12s} round {round_index}: "
-              f"{model_sweep.fmt_cell(result)}  compile {result.get('train_compile_s', 0):.0f} s")
+      group["runs"].append(result)
+      line = (f"[{time.time() - start:5.0f}s] {group['label']:34s} {group['variant']:12s} "
+              f"round {round_index}: {model_sweep.fmt_cell(result)}  "
+              f"compile {result.get('train_compile_s', 0):.0f} s")
       print(line, flush=True)
       log_lines.append(line)
   finally:
     os.environ["XLA_FLAGS"] = base_flags
-  default = compare_extremes(runs[DEFAULT])
-  keep = {default["fast_round"], default["slow_round"]} if default else set()
-  _prune_modules(runs[DEFAULT], keep)
-  for variant in variants:
-    if variant != DEFAULT:
-      _prune_modules(runs[variant], set())
-  summary = {v: summarize(r) for v, r in runs.items()}
   first_summary_line = len(log_lines)
-  for v, s in summary.items():
-    cols = [f"{key.split('_')[0]} {s[key]['median']:.1f} [{s[key]['min']:.1f}, {s[key]['max']:.1f}]"
-            for key in ("train_images_per_s", "forward_images_per_s") if key in s]
-    log_lines.append(f"{v:12s} {s['ok']}/{s['runs']} ok  " + "  ".join(cols))
-  if default:
-    log_lines.append(f"default: fastest (round {default['fast_round']}) / slowest (round "
-                     f"{default['slow_round']}) = {default['train_ratio']:.2f}x in training")
-    for which in ("train", "forward"):
-      if which in default:
-        log_lines.append(f"-- {which}: fastest -> slowest\n" + hlo_decisions.format_comparison(
-            default[which], ("fastest", "slowest"), top=25))
-        default[which]["changed"] = default[which]["changed"][:MAX_LISTED]
+  for group in groups:
+    group["summary"] = summarize(group["runs"])
+    extremes = compare_extremes(group["runs"]) if group["variant"] == DEFAULT else None
+    if extremes and extremes["train_ratio"] < args.keep_spread:
+      extremes = None
+    group["fastest_vs_slowest"] = extremes
+    _prune_modules(group["runs"], {extremes["fast_round"], extremes["slow_round"]} if extremes else set())
+  log_lines += _summary_lines(groups, variants)
+  for group in groups:
+    if group["fastest_vs_slowest"]:
+      log_lines += _extremes_lines(group)
   print("\n".join(log_lines[first_summary_line:]), flush=True)
   with open(stem + ".json", "w", encoding="utf-8") as f:
-    json.dump(dict(environment=env, cell=cells[0], xla_flags=base_flags, variants=variants, runs=runs,
-                   summary=summary, default_fastest_vs_slowest=default), f, indent=1)
+    json.dump(dict(environment=env, xla_flags=base_flags, variants=variants, groups=groups), f, indent=1)
   with open(stem + ".log", "w", encoding="utf-8") as f:
     f.write("\n".join(log_lines) + "\n")
 

@@ -15,19 +15,21 @@ weights, fp32 loss); "fp32" = fp32 compute with TF32 matmuls
 (``jax.default_matmul_precision("tensorfloat32")``), what the paper trained with. cuDNN flash attention has
 no fp32 mode: those cells are reported as n/a.
 
-Each cell runs in a fresh subprocess (its side of the work: `sweep_worker.py`), so its peak memory is its own and an out-of-memory error is reported as
-OOM instead of ending the sweep. Compilation dominates the cost of a cell, so by default all cells are first
-compiled in parallel subprocesses (``--jobs``) into JAX's persistent compilation cache, and the timed runs
-then load their executables from it, one cell at a time. Results are written after every cell
-(``<out_dir>/model_sweep_<card>.json``), so a sweep cut short still leaves its finished cells; ``--resume``
-runs only the cells that file lacks (or that timed out, crashed or were skipped), so that a sweep longer than
-one command's time limit fills one file, on one card, over several commands.
+Each cell runs in a fresh subprocess (its side of the work: `sweep_worker.py`), so its peak memory is its own
+and an out-of-memory error is reported as OOM instead of ending the sweep. Compilation dominates the cost of a
+cell, so by default all cells are first compiled in parallel subprocesses (``--jobs``) into JAX's persistent
+compilation cache, and the timed runs then load their executables from it, one cell at a time. Results are
+written after every cell (``<out_dir>/model_sweep_<card>.json``), so a sweep cut short still leaves its
+finished cells; ``--resume`` runs only the cells that file lacks (or that timed out, crashed or were skipped),
+so that a sweep longer than one command's time limit fills one file, on one card, over several commands.
 Parallel pre-compilation can skew a cell: XLA autotunes GEMMs while compiling, and one cell of a session-3 run
 came out 1.35x slower than when compiled alone (benchmarks/NOTES.md); for close comparisons use ``--jobs=0``
 (each cell compiled alone, just before it runs), and ``--repeats=N`` to run every cell N times, in rounds
 whose order reverses every other round (`run_order`: cells drift within a command),
 each time compiled afresh without the persistent cache, so the spread covers compilation as well as run-time
-noise (a median and min-max per cell are printed).
+noise (a median and min-max per cell are printed). Even a cell compiled alone can come out slow (session 14,
+H200: DiG-S/2 at 256 px 1.46x slower in 2 of 7 fresh compilations); `compile_variance.py` measures that
+spread and shows what the compiler chose differently.
 ``--gpus=N`` spreads a sweep over N GPUs of one kind with a barrier: first all pre-compilation (its workers
 spread over the GPUs), then the timed cells, one at a time per GPU, from one queue; a cell's throughput is its
 own GPU's (``"gpu"`` in its result). Nothing compiles while a cell is timed, as the host's CPUs are shared

@@ -1,4 +1,4 @@
-"""benchmarks/compile_variance.py with the worker replaced (no GPU here), and the worker's module dump on CPU."""
+"""benchmarks/compile_variance.py with the worker replaced (no GPU here); the worker's module dump on CPU."""
 import gzip
 import json
 
@@ -14,7 +14,8 @@ _GEMM = ('  %custom-call.1 = (bf16[64,64]{{1,0}}, s8[8]{{0}}) custom-call(%a), c
 def test_variants_are_named_flags_and_typos_fail_clearly():
   assert compile_variance.parse_variants(["no_tune=--xla_gpu_autotune_level=0"]) == {
       "default": "", "no_tune": "--xla_gpu_autotune_level=0"}
-  for bad in (["--xla_gpu_autotune_level=0"], ["x="], ["default=--a=1"], ["a b=--c=1"], ["a=--b=1", "a=--c=2"]):
+  for bad in (["--xla_gpu_autotune_level=0"], ["x="], ["default=--a=1"], ["a b=--c=1"],
+              ["a=--b=1", "a=--c=2"]):
     with pytest.raises(SystemExit, match="--variant"):
       compile_variance.parse_variants(bad)
 
@@ -22,11 +23,13 @@ def test_variants_are_named_flags_and_typos_fail_clearly():
 def test_rounds_compare_the_fastest_and_slowest_compilation_and_keep_only_their_modules(
     monkeypatch, tmp_path):
   calls = []
-  speeds = iter([300.0, 100.0, 280.0, 90.0, 310.0, 95.0])  # default, tuned, tuned, default, default, tuned
+  # Run order: DiG default, DiG tuned, DiT default, DiT tuned, then reversed, then forward again.
+  speeds = iter([300.0, 100.0, 400.0, 120.0,   120.0, 410.0, 105.0, 90.0,   310.0, 95.0, 405.0, 118.0])
 
   def fake_launch(spec, mode, args, timeout):
     assert mode == "run" and args.cache_dir == ""        # every run compiles afresh
-    calls.append((spec["hlo_prefix"].rsplit("_", 2)[-2:], compile_variance.os.environ["XLA_FLAGS"]))
+    calls.append((spec["label"], spec["hlo_prefix"].rsplit("_", 2)[-2:],
+                  compile_variance.os.environ["XLA_FLAGS"]))
     speed = next(speeds)
     files = {}
     for which in ("train", "forward"):
@@ -39,23 +42,32 @@ def test_rounds_compare_the_fastest_and_slowest_compilation_and_keep_only_their_
   monkeypatch.setattr(model_sweep, "launch", fake_launch)
   monkeypatch.setattr(model_sweep, "environment", lambda: dict(device_kind="NVIDIA H100 80GB HBM3"))
   monkeypatch.setenv("XLA_FLAGS", "--base")
-  compile_variance.main(["--cell", "DiG-S/2:256:bf16", "--compiles", "3", "--out_dir", str(tmp_path),
-                         "--variant", "tuned=--xla_gpu_autotune_level=0"])
-  assert [c[0] for c in calls] == [["default", "r0"], ["tuned", "r0"], ["tuned", "r1"], ["default", "r1"],
-                                   ["default", "r2"], ["tuned", "r2"]]       # order reversed every other round
-  assert {c[1] for c in calls} == {"--base", "--base --xla_gpu_autotune_level=0"}
+  compile_variance.main(["--cells", "DiG-S/2:256:bf16,DiT-S/2:256:bf16:attention=cudnn", "--compiles", "3",
+                         "--out_dir", str(tmp_path), "--variant", "tuned=--xla_gpu_autotune_level=0"])
+  order = [(label, variant, r) for label, (variant, r), _ in calls]
+  assert order[:4] == [("DiG-S/2", "default", "r0"), ("DiG-S/2", "tuned", "r0"),
+                       ("DiT-S/2-cudnn", "default", "r0"), ("DiT-S/2-cudnn", "tuned", "r0")]
+  assert order[4:8] == [(a, b, "r1") for a, b, _ in order[:4][::-1]]    # reversed every other round
+  assert {c[2] for c in calls} == {"--base", "--base --xla_gpu_autotune_level=0"}
   assert compile_variance.os.environ["XLA_FLAGS"] == "--base"             # restored
   result = json.loads((tmp_path / "compile_variance_h100.json").read_text())
-  assert result["summary"]["default"]["train_images_per_s"]["values"] == [300.0, 90.0, 310.0]
-  assert result["summary"]["tuned"]["train_images_per_s"]["median"] == 100.0
-  extremes = result["default_fastest_vs_slowest"]
+  dig, dig_tuned, dit, dit_tuned = result["groups"]
+  assert dig["summary"]["train_images_per_s"]["values"] == [300.0, 90.0, 310.0]
+  assert dig_tuned["summary"]["train_images_per_s"]["median"] == 100.0
+  extremes = dig["fastest_vs_slowest"]
   assert (extremes["fast_round"], extremes["slow_round"]) == (2, 1)
   assert extremes["train_ratio"] == pytest.approx(310 / 90)
   assert extremes["train"]["changed"][0]["first"] == "__cublas$lt$matmul: algorithm 7"
   assert extremes["forward"]["changed_by_category"] == {"cublas algorithm": 1}
+  assert dit["fastest_vs_slowest"] is None                                # 410 / 400: under --keep_spread
+  assert dig_tuned["fastest_vs_slowest"] is None and dit_tuned["fastest_vs_slowest"] is None
   kept = sorted(p.name for p in tmp_path.glob("*.txt.gz"))
-  assert kept == [f"compile_variance_h100_default_r{r}_{w}.txt.gz" for r in (1, 2) for w in ("forward", "train")]
-  assert "3.44x in training" in (tmp_path / "compile_variance_h100.log").read_text()
+  assert kept == [f"compile_variance_h100_c0_default_r{r}_{w}.txt.gz"
+                  for r in (1, 2) for w in ("forward", "train")]
+  log = (tmp_path / "compile_variance_h100.log").read_text()
+  assert "3.44x in training" in log
+  assert "default      training, median DiG-S/2 256 bf16 / DiT-S/2-cudnn 256 bf16: 0.741x" in log
+  assert "tuned        training, median DiG-S/2 256 bf16 / DiT-S/2-cudnn 256 bf16: 0.833x" in log
 
 
 def test_the_worker_writes_its_optimised_modules_when_asked(tmp_path):
