@@ -6,7 +6,9 @@ One row per precision with cells at two or more sizes, two columns (training ima
 peak GiB); one line per model of the S/2 sweep, at the sweep's batch size for each resolution. Where the JSON
 merges several runs (a "run" field per cell), each point comes from the first run of `RUN_PREFERENCE` that
 has it.
-Out-of-memory cells are marked at the top of the memory panel. Runs on CPU (matplotlib, Agg).
+Out-of-memory cells are marked at the top of the memory panel. A cell with a "suspect" field (a reason, set
+by hand in a merged JSON, e.g. a cell timed while another process compiled on the same host) is drawn with a
+hollow marker and its reason written under the row's title. Runs on CPU (matplotlib, Agg).
 """
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 RUN_PREFERENCE = ("s5_fill_a", "s5_fill_b", "s4_stacked", "final", "h100-b", "h100-a", "fp32_a", "fp32_b",
                   "quick", "variants")
 STYLE = {"DiG-S/2": ("tab:red", "o"), "DiT-S/2-xla": ("tab:blue", "s"), "DiT-S/2-cudnn": ("tab:green", "^")}
+
+
+def suspect_reasons(cells: list[dict]) -> list[str]:
+  """The distinct "suspect" reasons of finished cells, in first-seen order."""
+  return list(dict.fromkeys(r["suspect"] for r in cells if r.get("suspect") and r["status"] == "ok"))
 
 
 def main(json_path: str, png_path: str) -> None:
@@ -49,6 +56,11 @@ def main(json_path: str, png_path: str) -> None:
                     label=label)
       ax_mem.plot([r["px"] for r in ok], [r["train_peak_bytes"] / 2**30 for r in ok], color=color,
                   marker=marker, label=label)
+      for r in ok:
+        if r.get("suspect"):
+          for ax, value in ((ax_speed, r["train_images_per_s"]), (ax_mem, r["train_peak_bytes"] / 2**30)):
+            ax.plot([r["px"]], [value], linestyle="none", marker=marker, markerfacecolor="white",
+                    markeredgecolor=color, zorder=3)
       for r in cells:
         if r["status"] == "oom":
           ax_mem.annotate("OOM", (r["px"], 0.97), xycoords=("data", "axes fraction"), color=color,
@@ -64,6 +76,9 @@ def main(json_path: str, png_path: str) -> None:
       ax.legend(fontsize=8)
     batches = ", ".join(f"{px}:{b}" for px, b in data.get("batch_sizes", {}).items())
     note = data.get("precision_notes", {}).get(precision, "")  # which code a merged JSON's row comes from
+    reasons = suspect_reasons([r for r in results if r["precision"] == precision])
+    if reasons:
+      note = "; ".join(filter(None, [note, "hollow: " + "; ".join(reasons)]))
     ax_speed.set_title(f"{precision} training step, {device}\n(batch per size {batches})"
                        + (f"\n{note}" if note else ""), fontsize=9)
     ax_mem.set_title(f"{precision} peak device memory (train step)", fontsize=9)
