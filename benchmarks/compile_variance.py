@@ -23,6 +23,7 @@ every run and the comparisons. Nothing here changes the model.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -83,11 +84,13 @@ def compare_extremes(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _prune_modules(runs: list[dict[str, Any]], keep_rounds: set[int]) -> None:
-  """Deletes the modules of every run but the kept ones (the device returns at most 8 files)."""
+  """Deletes the modules of every run but the kept ones (the device returns at most 8 files), also those a
+  crashed or timed-out worker wrote before it ended (found by the run's `hlo_prefix`)."""
   for r in runs:
     if r.get("round") not in keep_rounds:
-      for path in r.pop("hlo_files", {}).values():
-        if os.path.exists(path):
+      r.pop("hlo_files", None)
+      if r.get("hlo_prefix"):
+        for path in glob.glob(glob.escape(r["hlo_prefix"]) + "_*.txt.gz"):
           os.remove(path)
 
 

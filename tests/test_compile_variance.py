@@ -31,6 +31,11 @@ def test_rounds_compare_the_fastest_and_slowest_compilation_and_keep_only_their_
     calls.append((spec["label"], spec["hlo_prefix"].rsplit("_", 2)[-2:],
                   compile_variance.os.environ["XLA_FLAGS"]))
     speed = next(speeds)
+    if speed == 95.0:  # a worker that wrote its modules and then died: no result, its files still go
+      for which in ("train", "forward"):
+        with gzip.open(f"{spec['hlo_prefix']}_{which}.txt.gz", "wt") as f:
+          f.write(_GEMM.format(alg="0"))
+      return dict(spec, status="crash", error="exit 1: boom")
     files = {}
     for which in ("train", "forward"):
       files[which] = f"{spec['hlo_prefix']}_{which}.txt.gz"
@@ -53,7 +58,8 @@ def test_rounds_compare_the_fastest_and_slowest_compilation_and_keep_only_their_
   result = json.loads((tmp_path / "compile_variance_h100.json").read_text())
   dig, dig_tuned, dit, dit_tuned = result["groups"]
   assert dig["summary"]["train_images_per_s"]["values"] == [300.0, 90.0, 310.0]
-  assert dig_tuned["summary"]["train_images_per_s"]["median"] == 100.0
+  assert dig_tuned["summary"]["train_images_per_s"]["values"] == [100.0, 105.0]   # the crashed run: none
+  assert dig_tuned["summary"]["ok"] == 2 and dig_tuned["summary"]["runs"] == 3
   extremes = dig["fastest_vs_slowest"]
   assert (extremes["fast_round"], extremes["slow_round"]) == (2, 1)
   assert extremes["train_ratio"] == pytest.approx(310 / 90)
@@ -67,7 +73,7 @@ def test_rounds_compare_the_fastest_and_slowest_compilation_and_keep_only_their_
   log = (tmp_path / "compile_variance_h100.log").read_text()
   assert "3.44x in training" in log
   assert "default      training, median DiG-S/2 256 bf16 / DiT-S/2-cudnn 256 bf16: 0.741x" in log
-  assert "tuned        training, median DiG-S/2 256 bf16 / DiT-S/2-cudnn 256 bf16: 0.833x" in log
+  assert "tuned        training, median DiG-S/2 256 bf16 / DiT-S/2-cudnn 256 bf16: 0.854x" in log
 
 
 def test_the_worker_writes_its_optimised_modules_when_asked(tmp_path):
