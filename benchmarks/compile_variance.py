@@ -50,11 +50,6 @@ def parse_variants(specs: list[str]) -> dict[str, str]:
   return variants
 
 
-def run_order(items: list, compiles: int) -> list[tuple[int, Any]]:
-  """(round, item): every item once per round, the order reversed every other round (drift)."""
-  return [(i, x) for i in range(compiles) for x in (items if i % 2 == 0 else items[::-1])]
-
-
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
   """Median / min / max of training and forward images/s over a variant's runs that finished."""
   ok = [r for r in runs if r.get("status") == "ok"]
@@ -159,24 +154,23 @@ def main(argv: list[str] | None = None) -> None:
   log_lines = [f"{env}\ncells {[g['label'] for g in groups[::len(variants)]]}; XLA_FLAGS={base_flags!r}; "
                f"variants {variants}"]
   print(log_lines[0], flush=True)
-  try:
-    for round_index, index in run_order(list(range(len(groups))), args.compiles):
-      group = groups[index]
-      if time.time() - start > args.deadline_s:
-        group["runs"].append(dict(status="skipped", round=round_index, error="deadline"))
-        continue
-      prefix = f"{stem}_c{index // len(variants)}_{group['variant']}_r{round_index}"
-      spec = dict(group["cell"], hlo_prefix=prefix)
-      os.environ["XLA_FLAGS"] = f"{base_flags} {variants[group['variant']]}".strip()  # `launch` copies it
-      result = dict(model_sweep.launch(spec, "run", worker_args, args.cell_timeout_s), round=round_index)
-      group["runs"].append(result)
-      line = (f"[{time.time() - start:5.0f}s] {group['label']:34s} {group['variant']:12s} "
-              f"round {round_index}: {model_sweep.fmt_cell(result)}  "
-              f"compile {result.get('train_compile_s', 0):.0f} s")
-      print(line, flush=True)
-      log_lines.append(line)
-  finally:
-    os.environ["XLA_FLAGS"] = base_flags
+  # Rounds of every (cell, variant), the order reversed every other round (drift), as `--repeats` runs them.
+  for round_index, index in model_sweep.run_order(list(range(len(groups))), args.compiles):
+    group = groups[index]
+    if time.time() - start > args.deadline_s:
+      group["runs"].append(dict(status="skipped", round=round_index, error="deadline"))
+      continue
+    prefix = f"{stem}_c{index // len(variants)}_{group['variant']}_r{round_index}"
+    result = dict(model_sweep.launch(dict(group["cell"], hlo_prefix=prefix), "run", worker_args,
+                                     args.cell_timeout_s,
+                                     xla_flags=f"{base_flags} {variants[group['variant']]}".strip()),
+                  round=round_index)
+    group["runs"].append(result)
+    line = (f"[{time.time() - start:5.0f}s] {group['label']:34s} {group['variant']:12s} "
+            f"round {round_index}: {model_sweep.fmt_cell(result)}  "
+            f"compile {result.get('train_compile_s', 0):.0f} s")
+    print(line, flush=True)
+    log_lines.append(line)
   first_summary_line = len(log_lines)
   for group in groups:
     group["summary"] = summarize(group["runs"])

@@ -227,10 +227,13 @@ def environment() -> dict[str, Any]:
 
 
 def launch(spec: dict[str, Any], mode: str, args: argparse.Namespace, timeout: float,
-           gpu: int | None = None) -> dict[str, Any]:
+           gpu: int | None = None, xla_flags: str | None = None) -> dict[str, Any]:
   """Runs one worker subprocess; a crash or timeout becomes an error result. `gpu`: the worker sees only this
-  process's GPU of that index (CUDA_VISIBLE_DEVICES); None: all that this process sees."""
+  process's GPU of that index (CUDA_VISIBLE_DEVICES); None: all that this process sees. `xla_flags`: the
+  worker's XLA_FLAGS instead of this process's."""
   env = dict(os.environ, PYTHONUNBUFFERED="1")
+  if xla_flags is not None:
+    env["XLA_FLAGS"] = xla_flags
   if gpu is not None:
     visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
     env["CUDA_VISIBLE_DEVICES"] = visible[gpu] if visible else str(gpu)

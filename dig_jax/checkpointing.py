@@ -29,6 +29,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from dig_jax.models.partitioning import path_str
+
 STATE = "state"
 DATA = "data"
 CHECKPOINT_DIR = "checkpoints"
@@ -76,11 +78,6 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
   return saved
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
-  """A tree path as "params/blocks/attn/q_proj/kernel" (dict keys, sequence indices, attributes alike)."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...] | None] | None:
   """{path: shape} of the train state saved at `step`, from its metadata file alone (no array is read).
 
@@ -98,7 +95,7 @@ def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[
   finally:
     handler.close()
   leaves = jax.tree_util.tree_flatten_with_path(metadata)[0]
-  return {_path_name(p): (tuple(leaf.shape) if getattr(leaf, "shape", None) is not None else None)
+  return {path_str(p): (tuple(leaf.shape) if getattr(leaf, "shape", None) is not None else None)
           for p, leaf in leaves}
 
 
@@ -109,7 +106,7 @@ def _shape_mismatches(saved: dict[str, tuple[int, ...] | None], abstract: Any, *
   Dtypes are not compared: ``StandardRestore`` casts them. With `partial`, arrays saved but not wanted are
   fine (a partial restore skips them).
   """
-  wanted = {_path_name(p): getattr(leaf, "shape", None)
+  wanted = {path_str(p): getattr(leaf, "shape", None)
             for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
   lines = []
   for name in sorted(saved.keys() | wanted.keys()):

@@ -237,6 +237,22 @@ def test_launch_lets_the_worker_see_only_its_gpu(monkeypatch):
   assert seen == ["1", None, "6"]
 
 
+def test_launch_gives_the_worker_its_own_xla_flags_without_touching_this_process(monkeypatch):
+  seen = []
+
+  def fake_subprocess_run(cmd, env, **kw):
+    seen.append(env.get("XLA_FLAGS"))
+    return model_sweep.subprocess.CompletedProcess(cmd, 1, "", "boom")
+
+  monkeypatch.setattr(model_sweep.subprocess, "run", fake_subprocess_run)
+  monkeypatch.setenv("XLA_FLAGS", "--base")
+  args = model_sweep.argparse.Namespace(steps=1, cache_dir="")
+  model_sweep.launch({}, "run", args, 1.0, xla_flags="--base --xla_gpu_autotune_level=0")
+  model_sweep.launch({}, "run", args, 1.0)
+  assert seen == ["--base --xla_gpu_autotune_level=0", "--base"]
+  assert model_sweep.os.environ["XLA_FLAGS"] == "--base"
+
+
 def test_gpus_refuses_zero_repeats_no_precompilation_and_too_few_devices(monkeypatch, tmp_path):
   extra = ["--extra", "DiG-S/2:256:bf16"]
   for argv, message in ((["--gpus", "0"], "--gpus must be >= 1; got 0"),

@@ -113,7 +113,8 @@ def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
+def path_str(path: tuple[Any, ...]) -> str:
+  """A JAX tree path as "blocks/3/attn/q_proj/kernel" (dict keys, sequence indices, attributes alike)."""
   parts = []
   for key in path:
     for attr in ("key", "idx", "name"):
@@ -129,7 +130,7 @@ def flat_variables(model_or_state: Any) -> dict[str, Any]:
   leaves = jax.tree_util.tree_flatten_with_path(_as_state(model_or_state), is_leaf=_is_variable)[0]
   flat = {}
   for path, leaf in leaves:
-    name = _path_str(path)
+    name = path_str(path)
     if name.endswith("/value"):  # A pure-dict / raw-state leaf sits one level below its Variable.
       name = name[: -len("/value")]
     flat[name] = leaf
