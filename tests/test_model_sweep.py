@@ -219,15 +219,21 @@ def test_two_gpus_resume_keeps_finished_cells(monkeypatch, tmp_path):
   assert len(merged) == 6 and merged[-1]["label"] == "DiG-XL/2" and merged[-1]["gpu"] in (0, 1)
 
 
-def test_launch_lets_the_worker_see_only_its_gpu(monkeypatch):
-  """`gpu` indexes the GPUs this process sees: CUDA_VISIBLE_DEVICES=4,6 and gpu=1 -> the worker's is 6."""
+def _worker_env_values(monkeypatch, name):
+  """The list that each `launch` appends its worker's environment variable `name` to (no process starts)."""
   seen = []
 
   def fake_subprocess_run(cmd, env, **kw):
-    seen.append(env.get("CUDA_VISIBLE_DEVICES"))
+    seen.append(env.get(name))
     return model_sweep.subprocess.CompletedProcess(cmd, 1, "", "boom")
 
   monkeypatch.setattr(model_sweep.subprocess, "run", fake_subprocess_run)
+  return seen
+
+
+def test_launch_lets_the_worker_see_only_its_gpu(monkeypatch):
+  """`gpu` indexes the GPUs this process sees: CUDA_VISIBLE_DEVICES=4,6 and gpu=1 -> the worker's is 6."""
+  seen = _worker_env_values(monkeypatch, "CUDA_VISIBLE_DEVICES")
   args = model_sweep.argparse.Namespace(steps=1, cache_dir="")
   monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
   model_sweep.launch({}, "run", args, 1.0, gpu=1)
@@ -238,13 +244,7 @@ def test_launch_lets_the_worker_see_only_its_gpu(monkeypatch):
 
 
 def test_launch_gives_the_worker_its_own_xla_flags_without_touching_this_process(monkeypatch):
-  seen = []
-
-  def fake_subprocess_run(cmd, env, **kw):
-    seen.append(env.get("XLA_FLAGS"))
-    return model_sweep.subprocess.CompletedProcess(cmd, 1, "", "boom")
-
-  monkeypatch.setattr(model_sweep.subprocess, "run", fake_subprocess_run)
+  seen = _worker_env_values(monkeypatch, "XLA_FLAGS")
   monkeypatch.setenv("XLA_FLAGS", "--base")
   args = model_sweep.argparse.Namespace(steps=1, cache_dir="")
   model_sweep.launch({}, "run", args, 1.0, xla_flags="--base --xla_gpu_autotune_level=0")
