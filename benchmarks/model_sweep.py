@@ -230,7 +230,8 @@ def launch(spec: dict[str, Any], mode: str, args: argparse.Namespace, timeout: f
            gpu: int | None = None, xla_flags: str | None = None) -> dict[str, Any]:
   """Runs one worker subprocess; a crash or timeout becomes an error result. `gpu`: the worker sees only this
   process's GPU of that index (CUDA_VISIBLE_DEVICES); None: all that this process sees. `xla_flags`: the
-  worker's XLA_FLAGS instead of this process's."""
+  worker's XLA_FLAGS instead of this process's. XLA's warnings and errors on the worker's stderr (e.g. the
+  autotuner's) are kept in the result as `xla_log` (`bench_common.xla_log_lines`)."""
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   if xla_flags is not None:
     env["XLA_FLAGS"] = xla_flags
@@ -249,7 +250,10 @@ def launch(spec: dict[str, Any], mode: str, args: argparse.Namespace, timeout: f
     return dict(spec, status="timeout", error=f"worker exceeded {timeout:.0f} s ({mode})")
   for line in proc.stdout.splitlines():
     if line.startswith(RESULT_TAG):
-      return json.loads(line[len(RESULT_TAG):])
+      result = json.loads(line[len(RESULT_TAG):])
+      from benchmarks.bench_common import xla_log_lines
+      log_lines = xla_log_lines(proc.stderr)
+      return dict(result, xla_log=log_lines) if log_lines else result
   tail = (proc.stderr or proc.stdout)[-1500:]
   status = "oom" if "RESOURCE_EXHAUSTED" in tail or "out of memory" in tail.lower() else "crash"
   return dict(spec, status=status, error=f"exit {proc.returncode}: {tail}")

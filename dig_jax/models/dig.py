@@ -56,7 +56,8 @@ class DiGBlock(nnx.Module):
     self.norm2 = make_norm(cfg.norm, d, rngs=rngs)
     self.mlp = SwiGLU(d, cfg.mlp_ratio, rngs=rngs, dtype=dtype)
     self.dw_conv = (None if cfg.dwconv == "off"
-                    else srem.DepthwiseConv(d, init=cfg.dwconv, rngs=rngs, dtype=dtype))
+                    else srem.DepthwiseConv(d, init=cfg.dwconv, rngs=rngs, dtype=dtype,
+                                            impl=cfg.dwconv_impl))
 
   def __call__(self, x: jax.Array, c: jax.Array, grid: srem.Grid) -> jax.Array:
     # Named scopes only label the ops for profiles (benchmarks/trace_summary.py); they change nothing else.

@@ -17,10 +17,22 @@ the tokens (no residual). Kernel stored HWIO [3, 3, 1, D] (torch weight [D, 1, 3
 bias [D]. Init "identity" (centre tap 1, others 0, bias 0; the released config) or "random" (PyTorch's
 default Conv2d init, U(-1/3, 1/3) for kernel and bias with fan_in 9: our reading of the paper's "random init"
 ablation row, whose code is not released).
+
+How the conv is computed (`dwconv_impl`; same parameters, same function, tested against each other):
+"conv" is XLA's grouped convolution, a cuDNN call on GPU for the forward, the input gradient (both
+`convForward`) and the weight gradient (`convBackwardFilter`). cuDNN's algorithm is picked by XLA's
+autotuner at every compilation, and for DiG-S/2's 256 px step it picked a slow one (legacy algorithm 0
+instead of 5 for all 24 `convForward` calls) in some fresh compilations: the training step came out 1.48x
+slower, the sampling forward 1.7x (session 15, H200, benchmarks/NOTES.md). "taps" computes the forward and
+the input gradient as a sum of the k*k shifted, per-channel scaled token grids (an XLA loop fusion, nothing
+for the autotuner to pick; accumulated in fp32) and keeps cuDNN's backward-filter conv for the weight
+gradient (its algorithm did not vary), through a custom VJP.
 """
 from __future__ import annotations
 
 from typing import Sequence
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +43,7 @@ from dig_jax.models import partitioning as pt
 
 SCAN_SCHEDULES = ("crisscross", "flip", "causal")
 DWCONV_MODES = ("identity", "random", "off")
+DWCONV_IMPLS = ("conv", "taps")
 Grid = tuple[int, int]
 
 
@@ -103,13 +116,17 @@ def expected_cycle_order(block_index: int, rows: int, cols: int) -> np.ndarray:
 class DepthwiseConv(nnx.Module):
   """3x3 depthwise conv with bias on tokens [N, T, D] viewed as the current (rows, cols) grid; no residual."""
 
-  def __init__(self, features: int, *, init: str, rngs: nnx.Rngs, dtype, kernel_size: int = 3):
+  def __init__(self, features: int, *, init: str, rngs: nnx.Rngs, dtype, kernel_size: int = 3,
+               impl: str = "conv"):
     if init not in ("identity", "random"):
       raise ValueError(f"unknown dwconv init {init!r}; use 'identity' or 'random'")
+    if impl not in DWCONV_IMPLS:
+      raise ValueError(f"unknown dwconv_impl {impl!r}; use one of {DWCONV_IMPLS}")
     if kernel_size % 2 != 1:
       raise ValueError(f"dwconv kernel_size must be odd; got {kernel_size}")
     self.kernel_size = kernel_size
     self.dtype = dtype
+    self.impl = impl
     shape = (kernel_size, kernel_size, 1, features)
     if init == "identity":
       centre = kernel_size // 2
@@ -127,12 +144,61 @@ class DepthwiseConv(nnx.Module):
     rows, cols = grid
     if rows * cols != t:
       raise ValueError(f"grid {tuple(grid)} does not hold {t} tokens")
-    pad = self.kernel_size // 2
-    # A grouped convolution (a cuDNN call on GPU). A fused sum of 9 shifted taps (autodiff or a custom VJP)
-    # was measured slower on an H200 (benchmarks/NOTES.md), so this plain form stays.
-    y = jax.lax.conv_general_dilated(
-        x.reshape(n, rows, cols, d).astype(self.dtype), self.kernel.get_value().astype(self.dtype),
-        window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=d)
+    y = depthwise_conv(x.reshape(n, rows, cols, d).astype(self.dtype),
+                       self.kernel.get_value().astype(self.dtype), impl=self.impl)
     y = y + self.bias.get_value().astype(self.dtype)
     return y.reshape(n, t, d)
+
+
+def _grouped_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """XLA's grouped ("same"-padded, stride 1) convolution of x [N, H, W, D] with kernel [k, k, 1, D]."""
+  pad = kernel.shape[0] // 2
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+def _shifted_sum(x: jax.Array, taps: jax.Array) -> jax.Array:
+  """sum_ij x_padded[:, i:i+H, j:j+W] * taps[i, j] in fp32, cast to x's dtype: the same conv as
+  `_grouped_conv` (taps [k, k, D]), written as one elementwise expression that XLA fuses into one loop."""
+  _, rows, cols, _ = x.shape
+  k = taps.shape[0]
+  pad = k // 2
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = None
+  for i in range(k):
+    for j in range(k):
+      term = xp[:, i:i + rows, j:j + cols, :].astype(jnp.float32) * taps[i, j].astype(jnp.float32)
+      out = term if out is None else out + term
+  return out.astype(x.dtype)
+
+
+@jax.custom_vjp
+def _taps_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return _shifted_sum(x, kernel[:, :, 0, :])
+
+
+def _taps_conv_fwd(x, kernel):
+  return _taps_conv(x, kernel), (x, kernel)
+
+
+def _taps_conv_bwd(residuals, dy):
+  x, kernel = residuals
+  # Input gradient: the same shifted sum of dy with the kernel rotated by 180 degrees (a fusion again).
+  dx = _shifted_sum(dy, kernel[::-1, ::-1, 0, :])
+  # Weight gradient: cuDNN's backward-filter conv (the primal conv of this vjp is dead code, removed by XLA).
+  dkernel = jax.vjp(functools.partial(_grouped_conv, x), kernel)[1](dy)[0]
+  return dx, dkernel
+
+
+_taps_conv.defvjp(_taps_conv_fwd, _taps_conv_bwd)
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, *, impl: str = "conv") -> jax.Array:
+  """Depthwise "same" conv of x [N, H, W, D] with kernel [k, k, 1, D] (k odd), no bias; `impl` as in the
+  module docstring ("conv" or "taps"; equal up to rounding)."""
+  if impl == "conv":
+    return _grouped_conv(x, kernel)
+  if impl == "taps":
+    return _taps_conv(x, kernel)
+  raise ValueError(f"unknown dwconv_impl {impl!r}; use one of {DWCONV_IMPLS}")

@@ -111,7 +111,8 @@ def test_identity_dwconv_changes_nothing_and_random_init_does():
   assert not np.allclose(np.asarray(random(x, (3, 5))), np.asarray(x))
 
 
-def test_dwconv_matches_torch_depthwise_conv_on_the_grid():
+@pytest.mark.parametrize("impl", srem.DWCONV_IMPLS)
+def test_dwconv_matches_torch_depthwise_conv_on_the_grid(impl):
   """Official: tokens -> (N, D, rows, cols) -> Conv2d(groups=D, padding=1); torch weight [D,1,3,3] -> HWIO."""
   n, rows, cols, d = 2, 3, 5, 4
   rng = np.random.default_rng(0)
@@ -123,11 +124,60 @@ def test_dwconv_matches_torch_depthwise_conv_on_the_grid():
   for r in range(rows):
     for c in range(cols):
       expected[:, :, r, c] = np.einsum("ndij,dij->nd", padded[:, :, r:r + 3, c:c + 3], weight[:, 0]) + bias
-  conv = srem.DepthwiseConv(d, init="identity", rngs=nnx.Rngs(0), dtype=jnp.float32)
+  conv = srem.DepthwiseConv(d, init="identity", rngs=nnx.Rngs(0), dtype=jnp.float32, impl=impl)
   conv.kernel.set_value(jnp.asarray(weight.transpose(2, 3, 1, 0)))
   conv.bias.set_value(jnp.asarray(bias))
   got = np.asarray(conv(jnp.asarray(tokens), (rows, cols)))
   np.testing.assert_allclose(got, expected.reshape(n, d, -1).transpose(0, 2, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size,grid", [(3, (3, 5)), (5, (6, 4))])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_taps_conv_equals_grouped_conv_with_gradients(kernel_size, grid, dtype):
+  """The "taps" forward and input gradient (shifted sums, the kernel rotated for the gradient) and its
+  cuDNN-style weight gradient agree with XLA's grouped convolution under autodiff."""
+  n, d = 2, 8
+  x = normal(1, (n, *grid, d)).astype(dtype)
+  kernel = normal(2, (kernel_size, kernel_size, 1, d)).astype(dtype)
+  cotangent = normal(3, (n, *grid, d)).astype(dtype)
+
+  def loss(impl):
+    return lambda x, k: jnp.sum(srem.depthwise_conv(x, k, impl=impl).astype(jnp.float32) * cotangent)
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  ref_out = srem.depthwise_conv(x, kernel, impl="conv").astype(jnp.float32)
+  got_out = srem.depthwise_conv(x, kernel, impl="taps")
+  assert got_out.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got_out.astype(jnp.float32)), np.asarray(ref_out), atol=tol, rtol=tol)
+  ref = jax.grad(loss("conv"), argnums=(0, 1))(x, kernel)
+  got = jax.grad(loss("taps"), argnums=(0, 1))(x, kernel)
+  for name, a, b in zip(("dx", "dkernel"), got, ref):
+    assert a.shape == b.shape and a.dtype == b.dtype, name
+    scale = float(jnp.abs(b.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)),
+                               atol=tol * scale, rtol=tol, err_msg=name)
+
+
+def test_unknown_dwconv_impl_is_rejected():
+  with pytest.raises(ValueError, match="dwconv_impl"):
+    srem.DepthwiseConv(8, init="identity", rngs=nnx.Rngs(0), dtype=jnp.float32, impl="winograd")
+  with pytest.raises(ValueError, match="dwconv_impl"):
+    srem.depthwise_conv(jnp.zeros((1, 3, 3, 2)), jnp.zeros((3, 3, 1, 2)), impl="fft")
+
+
+def test_dig_with_taps_conv_equals_dig_with_grouped_conv():
+  """The whole model (two blocks, crisscross grids incl. a transposed one) and its parameter gradients."""
+  results = []
+  for impl in srem.DWCONV_IMPLS:
+    cfg = tiny_config(depth=2, patch_size=1, input_size=(3, 4), dwconv="random", dwconv_impl=impl)
+    model = randomize_zero_params(build(cfg), seed=3)
+    x, t, y = inputs(cfg, batch=2)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x, t, y) ** 2)  # noqa: E731
+    results.append(jax.value_and_grad(loss)(params))
+  (loss_conv, grads_conv), (loss_taps, grads_taps) = results
+  np.testing.assert_allclose(float(loss_taps), float(loss_conv), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_taps), jax.tree.leaves(grads_conv)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def _token_dependency(schedule: str, dwconv: str) -> np.ndarray:
