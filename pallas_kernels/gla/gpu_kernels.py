@@ -96,9 +96,8 @@ class KernelConfig:
   forward_backend: str = "triton"  # the forward when no gradient is taken: "mosaic" runs `gpu_mosaic`'s
                                    # Mosaic GPU kernels where they support the shape (bf16, chunk 64, K 32/64,
                                    # V 64), else these kernels; the VJP's forward is always these kernels
-  states: str = "stored"      # "stored": state passes write h_n / D_n for the chunk-parallel kernels;
-                              # "recompute": those kernels form them (`gpu_recompute`; short sequences; needs
-                              # fused=False, state_segments=1, grad_version=2)
+  states: str = "stored"      # "stored": state passes write h_n / D_n for the chunk-parallel kernels; or
+                              # "recompute": those form them (`gpu_recompute`; fused=False, one segment)
   recompute_loop: str = "masked"  # states="recompute": "masked" (all chunks unrolled, selected) or "dynamic"
                                   # (a loop over this chunk's own count; see `gpu_recompute`)
   interpret: bool = False
@@ -298,10 +297,8 @@ def load_state(refs, rows=slice(None), cols=slice(None)) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class StoredStates:
-  """Where a chunk-parallel kernel gets its chunk's state (h_n or D_n): `num_refs` refs of a state pass's
-  output (1: the states; 3: a segmented pass's parts), read by `load_state`. `load(refs, rows, cols)` gives
-  the K rows `rows` and V columns `cols` of the program's block; `gpu_recompute.RecomputedStates` is the
-  other source (no state pass: the kernel forms the state)."""
+  """A chunk-parallel kernel's state source: `load(refs, rows, cols)` = K rows / V columns of chunk n's state
+  from `num_refs` refs of a state pass (`load_state`). The other source: `gpu_recompute.RecomputedStates`."""
   num_refs: int = 1
 
   def load(self, refs, rows=slice(None), cols=slice(None)) -> Array:
