@@ -43,9 +43,10 @@ def _gate(a, matmul_dtype):
   return LowRankGate(a["x"], a["w_down"], a["w_up"], a["b_up"], matmul_dtype=matmul_dtype)
 
 
-def _fused(a, matmul_dtype, chunk, interpret=True):
+def _fused(a, matmul_dtype, chunk, interpret=True, config=None):
   gate = _gate(a, matmul_dtype)
-  return gpu.gla_low_rank_gate(a["q"], a["k"], a["v"], gate, chunk_size=chunk, interpret=interpret)
+  return gpu.gla_low_rank_gate(a["q"], a["k"], a["v"], gate, chunk_size=chunk, interpret=interpret,
+                               config=config)
 
 
 def _unfused(a, matmul_dtype, chunk):
@@ -60,14 +61,14 @@ def _value_and_grads(fn, a, do):
   return out, vjp(do)[0]
 
 
-def _compare(shape, dtype, matmul_dtype, chunk, tol, interpret=True):
+def _compare(shape, dtype, matmul_dtype, chunk, tol, interpret=True, config=None):
   rng, seed = fresh_rng()
   b, t, h, dk, dv, dim, rank = shape
   a = _inputs(rng, b, t, h, dk, dv, dim, rank, dtype)
   do = jnp.asarray(rng.standard_normal((b, t, h, dv)), dtype)
   with jax.default_matmul_precision("highest"):
-    got = jax.jit(lambda a, do: _value_and_grads(lambda a: _fused(a, matmul_dtype, chunk, interpret), a, do))(
-        a, do)
+    got = jax.jit(lambda a, do: _value_and_grads(lambda a: _fused(a, matmul_dtype, chunk, interpret, config),
+                                                 a, do))(a, do)
     want = jax.jit(lambda a, do: _value_and_grads(lambda a: _unfused(a, matmul_dtype, chunk), a, do))(
         a, do.astype(jnp.float32))
   assert got[0].dtype == dtype and got[0].shape == (b, t, h, dv)
