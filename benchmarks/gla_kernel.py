@@ -11,17 +11,13 @@ device-to-device copy bandwidth (bytes read + written) as the HBM ceiling, then:
   several configs) against the chunked reference in fp32 at HIGHEST precision, DiG-like and extreme
   (-1e-3..-10) gates, and fla's output against the same reference (`..._check.json`);
 - `parts`: each Pallas kernel alone under several tilings (`..._parts.json`); `short`: configs at DiG's short
-  sequences (S/2 at 256 px: B=32, T=256; at 512 px: B=8, T=1024), where the op is latency-bound: the
-  SHORT_SWEEP entries named in `--configs` (default all), e.g. `--configs tuned_c64,recompute_c64,
-  recompute_dynamic_c64 --shapes "32,256,6,32,64;8,256,6,32,64;32,512,6,32,64"` (session 15's recomputed
-  states, `gpu_recompute`: 4 and 8 chunks); `fp32`: fp32 inputs with IEEE vs TF32 dots in the kernels
-  (time, and error against the fp32 reference);
+  sequences (S/2 at 256 px: B=32, T=256; at 512 px: B=8, T=1024), where the op is latency-bound; `fp32`: fp32
+  inputs with IEEE vs TF32 dots in the kernels (time, and error against the fp32 reference);
 - `variants`: named variants of the tuned config side by side, with fla (`--no_fla` skips it; its first
   autotuning per head size takes minutes): `--variants "name=field:value,field:value;..."` (KernelConfig
   fields; `chunk:N` sets the chunk size) or a preset name from VARIANT_PRESETS (`cumsum`: the gate's cumsum as
   a scan or a GEMM; `ktile`: session 5's K tiles; `intra`: one reference row vs the levels; `segments`: the
-  state passes in 1-16 parallel segments; `recompute`: stored vs recomputed states (session 15, two loops,
-  short sequences only); `grad`, `sweep`: sessions 1-2's `--mode grad` / `--mode sweep`, now
+  state passes in 1-16 parallel segments; `grad`, `sweep`: sessions 1-2's `--mode grad` / `--mode sweep`, now
   applied on top of the tuned config); `--parts` also times the output and gradient kernels alone per variant;
   `--gates extreme` times log-uniform 1e-3..10 gates instead of DiG's (the one-row path's fallback to the
   levels); a sixth field "fp32" in a --shapes entry runs fp32 inputs and records each variant's errors;
@@ -49,7 +45,7 @@ warnings.filterwarnings("ignore", message=".*Triton backend is deprecated.*")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels.gla import gpu, gpu_recompute, reference  # noqa: E402
+from pallas_kernels.gla import gpu, reference  # noqa: E402
 
 from benchmarks.bench_common import (LOG, card_slug, copy_bandwidth, env_info, jax_sync,  # noqa: E402
                                      load_fla, log, make_inputs, rel_err, time_calls, time_fla, to_torch)
@@ -251,8 +247,6 @@ VARIANT_PRESETS = {
             "grad_v2_w2=grad_version:2,warps_grad:2",
     "intra": "adaptive=intra:adaptive;levels=intra:levels",
     "segments": "seg1=state_segments:1;seg4=state_segments:4;seg8=state_segments:8;seg16=state_segments:16",
-    "recompute": "stored=states:stored;recompute=states:recompute,fused:false,state_segments:1;"
-                 "recompute_dynamic=states:recompute,recompute_loop:dynamic,fused:false,state_segments:1",
     "sweep": "two_pass=fused:false;two_pass_no_prefetch=fused:false,prefetch:false;"
              "two_pass_st16=fused:false,state_block_k:16,state_block_v:16;fused=fused:true;"
              "fused_bv32=fused:true,fwd_block_v:32",
@@ -326,10 +320,7 @@ def variant_parts(b, t, h, dk, dv, configs: dict, dtype) -> dict:
     cfg = dataclasses.replace(cfg, scale=dk ** -0.5, chunk_size=chunk or cfg.chunk_size)
     g = reference.chunk_local_cumsum(lg, cfg.chunk_size)
     try:
-      if cfg.states == "recompute":  # what the kernels recompute the states from (no state passes)
-        hs, ds = gpu_recompute.forward_inputs(k, v, g), gpu_recompute.backward_inputs(q, g, do)
-      else:
-        hs, ds = gpu._states(k, v, g, cfg), gpu._dstates(q, g, do, cfg)
+      hs, ds = gpu._states(k, v, g, cfg), gpu._dstates(q, g, do, cfg)
       out = time_calls(jax.jit(lambda *a, cfg=cfg: gpu._outputs(*a, cfg)), [(q, k, v, g, hs)], jax_sync)
       grads = time_calls(jax.jit(lambda *a, cfg=cfg: gpu._grads(*a, cfg)), [(q, k, v, g, do, hs, ds)],
                          jax_sync)
@@ -352,11 +343,6 @@ SHORT_SWEEP = {
     "grad_w8_c64": (gpu.KernelConfig(fused=True, warps_grad=8, warps_out=8), 64),
     "grad_w2_c64": (gpu.KernelConfig(fused=True, warps_grad=2, warps_out=2), 64),
     "state16_c64": (gpu.KernelConfig(fused=True, state_block_k=16, state_block_v=16), 64),
-    # Session 15: no state passes, the chunk-parallel kernels recompute the states (`gpu_recompute`).
-    "recompute_c64": (gpu.KernelConfig(states="recompute"), 64),
-    "recompute_dynamic_c64": (gpu.KernelConfig(states="recompute", recompute_loop="dynamic"), 64),
-    "recompute_c32": (gpu.KernelConfig(states="recompute"), 32),
-    "recompute_dynamic_c32": (gpu.KernelConfig(states="recompute", recompute_loop="dynamic"), 32),
 }
 
 

@@ -18,14 +18,6 @@ def test_variant_presets_build_valid_kernel_configs():
       assert chunk is None or chunk in (16, 32, 64, 128)
 
 
-def test_short_sweep_configs_are_valid():
-  for name, (config, chunk) in gla_kernel.SHORT_SWEEP.items():
-    assert chunk in (16, 32, 64, 128), name
-    if config is not None:
-      gpu._check_config(config)
-  assert gla_kernel.SHORT_SWEEP["recompute_c64"][0].states == "recompute"
-
-
 def test_parse_variants_types_and_errors():
   variants = gla_kernel.parse_variants("a=fused:false,warps_out:8,gate_cumsum:matmul,chunk:32;b=")
   assert variants == {"a": ({"fused": False, "warps_out": 8, "gate_cumsum": "matmul"}, 32), "b": ({}, None)}

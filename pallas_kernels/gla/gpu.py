@@ -15,9 +15,7 @@ chunk-parallel outputs), or one fused sequential kernel for short sequences of f
 Backward: a reverse state pass, then chunk-parallel dv and dq/dk/dG kernels. With few (batch, head) pairs and
 many chunks both state passes run as parallel segments from zero states; `_join_segments` (XLA) forms the
 state each segment receives from the ones before (after) it (`KernelConfig.state_segments`, session 7), and
-the kernels that read the states add it as they load them (`SegmentedStates`, session 8). With
-`KernelConfig.states="recompute"` (short sequences, session 15) no state pass runs: the output, dv and
-dq/dk/dG kernels form their chunk's state themselves (`gpu_recompute`; 3 calls per forward+backward, not 5).
+the kernels that read the states add it as they load them (`SegmentedStates`, session 8).
 
 A forward without a gradient (sampling, evaluation) of a supported shape (bf16, chunk 64, K 32/64, V 64) from
 MOSAIC_FORWARD_MIN_TOKENS tokens runs `gpu_mosaic`'s Mosaic GPU kernels instead
@@ -32,16 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.gla import gpu_gate, gpu_kernels, gpu_mosaic, gpu_recompute, reference, segment_join
+from pallas_kernels.gla import gpu_gate, gpu_kernels, gpu_mosaic, reference, segment_join
 from pallas_kernels.gla.gate import LowRankGate
 from pallas_kernels.gla.gpu_kernels import FORWARD_BACKENDS, INTRA_MODES, KernelConfig
-from pallas_kernels.gla.segment_join import SegmentedStates
 
 Array = jax.Array
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
@@ -56,10 +54,6 @@ STATE_TARGET_PROGRAMS = 192
 # up where they support the shape (session 11, H100: 1.1-1.4x faster at 4096-50176 tokens; mixed at 1024-2048,
 # slower at 256).
 MOSAIC_FORWARD_MIN_TOKENS = 4096
-# tuned_config(recompute_states=True): the chunk-parallel kernels recompute the states (`gpu_recompute`, no
-# state passes) up to this many chunks. Not timed yet, so not the default (RECOMPUTE_DEFAULT).
-RECOMPUTE_MAX_CHUNKS = 4
-RECOMPUTE_DEFAULT = False
 
 
 def _is_pow2(n: int) -> bool:
@@ -94,8 +88,8 @@ def auto_worthwhile(q_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype) -
   return jnp.dtype(dtype) != jnp.float32 or max(q_shape[-1], v_shape[-1]) <= AUTO_MAX_DIM_FP32
 
 
-def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...], chunk: int | None = None,
-                 dtype=jnp.bfloat16, recompute_states: bool | None = None) -> KernelConfig:
+def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...],
+                 chunk: int | None = None, dtype=jnp.bfloat16) -> KernelConfig:
   """Tiling picked from per-kernel timings on H100/H200 (see NOTES.md).
 
   Two-pass forward with prefetching state loops; 16-row K tiles in the state loops when (32, 32) tiles would
@@ -118,9 +112,7 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...], chunk: int 
   with head dims <= 64 each state-pass program takes the whole K x V state (k and G are then read once, not
   once per V tile) and the passes run in up to 16 segments, as many as bring the programs to about
   STATE_TARGET_PROGRAMS (session 8, H100, NOTES.md). Forwards without a gradient take the Mosaic GPU kernels
-  where `gpu_mosaic.supported` and from MOSAIC_FORWARD_MIN_TOKENS tokens (session 11). `recompute_states`
-  (None: RECOMPUTE_DEFAULT, which is False) takes `states="recompute"` (no state passes: `gpu_recompute`)
-  for at most RECOMPUTE_MAX_CHUNKS chunks (session 15, not yet timed).
+  where `gpu_mosaic.supported` and from MOSAIC_FORWARD_MIN_TOKENS tokens (session 11).
   """
   b, tokens, heads, dim_k = q_shape
   chunk = chunk or default_chunk_size(tokens)
@@ -137,9 +129,6 @@ def tuned_config(q_shape: tuple[int, ...], v_shape: tuple[int, ...], chunk: int 
                  state_segments=8 if few_programs and num_chunks >= 64 else 1)
   padded = (b, num_chunks * chunk, heads, dim_k)    # what the kernels see (`_prepare` pads to whole chunks)
   mosaic = tokens >= MOSAIC_FORWARD_MIN_TOKENS and gpu_mosaic.supported(padded, v_shape, dtype, chunk)
-  recompute = RECOMPUTE_DEFAULT if recompute_states is None else recompute_states
-  if recompute and num_chunks <= RECOMPUTE_MAX_CHUNKS:
-    fused, state = False, dict(state, state_segments=1, states="recompute")
   return KernelConfig(chunk_size=chunk, fused=fused, **state, score_block_k=32 if fp32_wide else dim_k,
                       grad_block_k=32 if dim_k >= 64 else dim_k,
                       gate_cumsum="matmul" if tokens >= GEMM_CUMSUM_MIN_TOKENS else "scan",
@@ -159,7 +148,6 @@ def _check_config(config: KernelConfig) -> None:
     raise ValueError(f"KernelConfig.state_segments must be >= 1; got {config.state_segments!r}")
   if config.intra not in INTRA_MODES:
     raise ValueError(f"KernelConfig.intra must be one of {INTRA_MODES}; got {config.intra!r}")
-  gpu_recompute.check_config(config)
 
 
 def default_chunk_size(tokens: int) -> int:
@@ -257,6 +245,21 @@ def _state_pass(kernel_fn, inputs, widths: str, dim_v: int, cfg: KernelConfig, g
   return _join_segments(*outs, gamma, reverse)
 
 
+class SegmentedStates(NamedTuple):
+  """The states of a segmented pass, not summed up: h_n = local[n] + decay[n] * carry[segment of n].
+
+  The kernels that read states add the two parts as they load them (`gpu_kernels.load_state`), so no pass
+  over every state joins them; `materialize` does (for the one-kernel gradient, `grad_version=1`).
+  """
+  local: Array   # [B, NT, H, K, V], bf16 for bf16 inputs: what the segment's own chunks put in
+  carry: Array   # [B, S, H, K, V] fp32: the state entering each segment (from its right when reverse)
+  decay: Array   # [B, NT, H, K] fp32: e^(sum of the log decays between the segment's border and chunk n)
+
+  def materialize(self) -> Array:
+    carry = jnp.repeat(self.carry, self.local.shape[1] // self.carry.shape[1], axis=1)
+    return (self.local.astype(jnp.float32) + self.decay[..., None] * carry).astype(self.local.dtype)
+
+
 def _join_segments(local: Array, ends: Array, gamma: Array, reverse: bool) -> SegmentedStates:
   """The parts of a segmented pass's K x V states (`segment_join.join`)."""
   return SegmentedStates(local, *segment_join.join(ends, gamma, reverse, k_axis=-2))
@@ -272,31 +275,27 @@ def _chunk_spec(c: int, width: int, tiled: bool = False):
   return pl.BlockSpec((None, c, None, width), lambda b, h, n, *t: (b, n, h, 0))
 
 
-def _state_operands(states, block: tuple[int, int], tiled: str, cfg: KernelConfig, common: dict):
-  """Operands, BlockSpecs and the kernel's state source (`gpu_kernels.StoredStates`) that give a
-  chunk-parallel kernel (grid (b, h, n, tile)) chunk n's state: a `block` of the K x V state at the grid's K
-  tile (`tiled="k"`) or V tile ("v"). A `SegmentedStates` passes its three parts (the kernel adds them:
-  `gpu_kernels.load_state`); `gpu_recompute.StateInputs` the inputs the kernel recomputes the state from."""
-  if isinstance(states, gpu_recompute.StateInputs):
-    return gpu_recompute.state_operands(states, block, tiled, cfg, **common)
-
+def _state_operands(states, block: tuple[int, int], tiled: str):
+  """Operands and BlockSpecs that give a chunk-parallel kernel (grid (b, h, n, tile)) chunk n's state: a
+  `block` of the K x V state at the grid's K tile (`tiled="k"`) or V tile ("v"). A `SegmentedStates` passes
+  its three parts (the kernel adds them: `gpu_kernels.load_state`)."""
   def spec(shape, chunk_index, tile_index):
     return pl.BlockSpec((None, None, None) + shape,
                         lambda i, j, n, t: (i, chunk_index(n), j) + tile_index(t))
   at = (lambda t: (t, 0)) if tiled == "k" else (lambda t: (0, t))
   if not isinstance(states, SegmentedStates):
-    return [states], [spec(block, lambda n: n, at)], gpu_kernels.StoredStates(1)
+    return [states], [spec(block, lambda n: n, at)]
   per_segment = states.local.shape[1] // states.carry.shape[1]
   return list(states), [spec(block, lambda n: n, at), spec(block, lambda n: n // per_segment, at),
-                        spec(block[:1], lambda n: n, lambda t: at(t)[:1])], gpu_kernels.StoredStates(3)
+                        spec(block[:1], lambda n: n, lambda t: at(t)[:1])]
 
 
 def _outputs(q, k, v, g, hs, cfg: KernelConfig):
   b, tokens, heads, dim_k = q.shape
   dim_v = v.shape[-1]
-  c, bv, common = cfg.chunk_size, min(cfg.fwd_block_v, dim_v), _common(q, cfg)
-  h_ops, h_specs, h_source = _state_operands(hs, (dim_k, bv), "v", cfg, common)
-  kernel = functools.partial(gpu_kernels.out_kernel, cfg=cfg, states=h_source, **common)
+  c, bv = cfg.chunk_size, min(cfg.fwd_block_v, dim_v)
+  h_ops, h_specs = _state_operands(hs, (dim_k, bv), "v")
+  kernel = functools.partial(gpu_kernels.out_kernel, cfg=cfg, state_refs=len(h_ops), **_common(q, cfg))
   return _call(kernel, cfg, cfg.warps_out, (b, heads, tokens // c, dim_v // bv),
                [_chunk_spec(c, dim_k), _chunk_spec(c, dim_k), _chunk_spec(c, bv, True), _chunk_spec(c, dim_k),
                 *h_specs],
@@ -331,8 +330,8 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
                                          jax.ShapeDtypeStruct(g.shape, jnp.float32)])(q, k, v, g, do, hs, ds)
     return dq, dk, dv, dg
   bv = min(cfg.fwd_block_v, dim_v)
-  d_ops, d_specs, d_source = _state_operands(ds, (dim_k, bv), "v", cfg, common)
-  dv_kernel = functools.partial(gpu_kernels.dv_kernel, cfg=cfg, states=d_source, **common)
+  d_ops, d_specs = _state_operands(ds, (dim_k, bv), "v")
+  dv_kernel = functools.partial(gpu_kernels.dv_kernel, cfg=cfg, state_refs=len(d_ops), **common)
   dv = _call(dv_kernel, cfg, cfg.warps_out, (b, heads, nt, dim_v // bv),
              [chunk_k, chunk_k, chunk_k, _chunk_spec(c, bv, True), *d_specs],
              _chunk_spec(c, bv, True), jax.ShapeDtypeStruct(v.shape, v.dtype))(q, k, g, do, *d_ops)
@@ -340,9 +339,10 @@ def _grads(q, k, v, g, do, hs, ds, cfg: KernelConfig):
   bk = min(cfg.grad_block_k, dim_k)
   tile_k = pl.BlockSpec((None, c, None, bk), lambda i, j, n, kt: (i, n, j, kt))
   whole_v = pl.BlockSpec((None, c, None, dim_v), lambda i, j, n, kt: (i, n, j, 0))
-  h_ops, h_specs, h_source = _state_operands(hs, (bk, dim_v), "k", cfg, common)
-  d_ops, d_specs, d_source = _state_operands(ds, (bk, dim_v), "k", cfg, common)
-  dqk_kernel = functools.partial(gpu_kernels.dqk_kernel, cfg=cfg, states=(h_source, d_source), **common)
+  h_ops, h_specs = _state_operands(hs, (bk, dim_v), "k")
+  d_ops, d_specs = _state_operands(ds, (bk, dim_v), "k")
+  dqk_kernel = functools.partial(gpu_kernels.dqk_kernel, cfg=cfg, state_refs=(len(h_ops), len(d_ops)),
+                                 **common)
   dq, dk, dg = _call(dqk_kernel, cfg, cfg.warps_grad, (b, heads, nt, dim_k // bk),
                      [tile_k, tile_k, whole_v, tile_k, whole_v, *h_specs, *d_specs],
                      [tile_k, tile_k, tile_k],
@@ -373,8 +373,6 @@ def _forward(q, k, v, g, cfg: KernelConfig, save_states: bool):
     return gpu_mosaic.forward(q, k, v, g, scale=cfg.scale, segments=_mosaic_segments(q, cfg)), None
   if cfg.fused:
     return _fused_forward(q, k, v, g, cfg, save_states)
-  if cfg.states == "recompute":  # the output kernel alone; nothing saved for the backward but the inputs
-    return _outputs(q, k, v, g, gpu_recompute.forward_inputs(k, v, g), cfg), None
   return _two_pass_forward(q, k, v, g, cfg)
 
 
@@ -395,10 +393,7 @@ def _vjp_fwd(q, k, v, g, cfg):
 def _vjp_bwd(cfg, residuals, do):
   q, k, v, g, hs = residuals
   do = do.astype(v.dtype)
-  if cfg.states == "recompute":
-    hs, ds = gpu_recompute.forward_inputs(k, v, g), gpu_recompute.backward_inputs(q, g, do)
-  else:
-    ds = _dstates(q, g, do, cfg)
+  ds = _dstates(q, g, do, cfg)
   return tuple(_grads(q, k, v, g, do, hs, ds, cfg))
 
 

@@ -11,8 +11,6 @@ Kernels (tensors stay in [batch, tokens, heads, dim]; each gets one (batch, head
 - `fused_fwd_kernel`: one sequential loop computes o and updates h in registers (few sequences, <= 4 chunks).
 - `dstate_kernel`: B1, a reverse loop over chunks storing every D_n. Both state kernels can run one segment of
   the chunks per program (grid axis 4) from a zero state and also write its end state (`state_segments`).
-  With `states="recompute"` neither state kernel runs: the chunk-parallel kernels below form their chunk's
-  state themselves (`gpu_recompute.RecomputedStates`; `StoredStates` reads a state pass's).
 - `dv_kernel` (B3) and `dqk_kernel` (B2, B4-B6); `grad_kernel` does all of B2-B6 in one kernel
   (`grad_version=1`; ~twice the live registers, measured 2x slower on H100).
 - Wide heads: `out_kernel` and `dv_kernel` can contract K in a loop over tiles (`score_block_k`; scores and
@@ -43,9 +41,8 @@ Deviations from fla: (1) fla computes the 16 x 16 diagonal blocks element-wise i
 channel)) and the rest per 16-row sub-chunk; here one product with fp32/TF32 operands covers the whole chunk
 (2 exps per (token, channel)), or in the fallback the levels (log2(C) = 6 exps per (token, channel) at C=64);
 (2) h_n is saved by the forward pass (bf16 for bf16 inputs, as fla stores it in its forward) instead of being
-recomputed in fp32 (except with `states="recompute"`, `gpu_recompute`: short sequences); (3) the intra-chunk
-score matrix A is recomputed in the backward pass instead of being stored in fp32; (4) mixed input dtypes are
-promoted (fla requires one dtype).
+recomputed in fp32; (3) the intra-chunk score matrix A is recomputed in the backward pass instead of being
+stored in fp32; (4) mixed input dtypes are promoted (fla requires one dtype).
 """
 from __future__ import annotations
 
@@ -96,10 +93,6 @@ class KernelConfig:
   forward_backend: str = "triton"  # the forward when no gradient is taken: "mosaic" runs `gpu_mosaic`'s
                                    # Mosaic GPU kernels where they support the shape (bf16, chunk 64, K 32/64,
                                    # V 64), else these kernels; the VJP's forward is always these kernels
-  states: str = "stored"      # "stored": state passes write h_n / D_n for the chunk-parallel kernels; or
-                              # "recompute": those form them (`gpu_recompute`; fused=False, one segment)
-  recompute_loop: str = "masked"  # states="recompute": "masked" (all chunks unrolled, selected) or "dynamic"
-                                  # (a loop over this chunk's own count; see `gpu_recompute`)
   interpret: bool = False
 
 
@@ -251,22 +244,16 @@ def _k_tiles(dim_k: int, block_k: int) -> list:
   return [slice(None)] if bk == dim_k else [pl.ds(i * bk, bk) for i in range(dim_k // bk)]
 
 
-def state_update(h, k, v, g, g_last, mm_dtype, prec) -> Array:
+def _state_update(h, k, v, g, g_last, mm_dtype, prec) -> Array:
   """F1: h * e^gamma + (k * e^(gamma - G))^T v, fp32."""
   kd = (k.astype(jnp.float32) * _exp(g_last[None, :] - g)).astype(mm_dtype)
   return h * _exp(g_last)[:, None] + _mm_tn(kd, v.astype(mm_dtype), prec)
 
 
-def dstate_update(d, q, g, g_last, do, scale: float, mm_dtype, prec) -> Array:
-  """B1: D_{n-1} = e^gamma_n D_n + scale (q_n e^G_n)^T do_n, fp32."""
-  qg = (q.astype(jnp.float32) * (_exp(g) * scale)).astype(mm_dtype)
-  return d * _exp(g_last)[:, None] + _mm_tn(qg, do.astype(mm_dtype), prec)
-
-
 # ---------------------------------------------------------------------------------------------------- kernels
 
 
-def chunk_rows(n, c: int):
+def _rows(n, c: int):
   """Rows of chunk n (a Python int or a traced index)."""
   return pl.ds(n * c if isinstance(n, int) else pl.multiple_of(n * c, c), c)
 
@@ -295,16 +282,6 @@ def load_state(refs, rows=slice(None), cols=slice(None)) -> Array:
   return local[rows, cols].astype(jnp.float32) + decay[rows][:, None] * carry[rows, cols]
 
 
-@dataclasses.dataclass(frozen=True)
-class StoredStates:
-  """A chunk-parallel kernel's state source: `load(refs, rows, cols)` = K rows / V columns of chunk n's state
-  from `num_refs` refs of a state pass (`load_state`). The other source: `gpu_recompute.RecomputedStates`."""
-  num_refs: int = 1
-
-  def load(self, refs, rows=slice(None), cols=slice(None)) -> Array:
-    return load_state(refs, rows, cols)
-
-
 def _segment_start(num_chunks: int, seg_refs) -> Array | int:
   """First chunk of this program's segment (grid axis 4) when the state pass is split into segments."""
   return pl.program_id(4) * num_chunks if seg_refs else 0
@@ -314,7 +291,7 @@ def fused_fwd_kernel(q_ref, k_ref, v_ref, g_ref, o_ref, *hs_refs, cfg, num_chunk
   c = cfg.chunk_size
 
   def load(n):
-    rows = chunk_rows(n, c)
+    rows = _rows(n, c)
     return q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g_ref[rows, :], g_ref[n * c + c - 1, :]
 
   def step(n, h, chunk):
@@ -322,8 +299,8 @@ def fused_fwd_kernel(q_ref, k_ref, v_ref, g_ref, o_ref, *hs_refs, cfg, num_chunk
     if hs_refs:
       hs_refs[0][n] = h.astype(hs_refs[0].dtype)
     o = _chunk_output(q, k, v, g, h, g_ref, n * c, cfg, mm_dtype, prec)
-    o_ref[chunk_rows(n, c), :] = o.astype(o_ref.dtype)
-    return state_update(h, k, v, g, g_last, mm_dtype, prec)
+    o_ref[_rows(n, c), :] = o.astype(o_ref.dtype)
+    return _state_update(h, k, v, g, g_last, mm_dtype, prec)
 
   h0 = jnp.zeros((q_ref.shape[-1], v_ref.shape[-1]), jnp.float32)
   _sequential(num_chunks, load, step, h0, cfg.prefetch)
@@ -334,12 +311,12 @@ def state_kernel(k_ref, v_ref, g_ref, hs_ref, *seg_refs, cfg, num_chunks, mm_dty
   c = cfg.chunk_size
 
   def load(n):
-    rows = chunk_rows(n, c)
+    rows = _rows(n, c)
     return k_ref[rows, :], v_ref[rows, :], g_ref[rows, :], g_ref[n * c + c - 1, :]
 
   def step(n, h, chunk):
     hs_ref[n] = h.astype(hs_ref.dtype)
-    return state_update(h, *chunk, mm_dtype, prec)
+    return _state_update(h, *chunk, mm_dtype, prec)
 
   h = _sequential(num_chunks, load, step, jnp.zeros(hs_ref.shape[1:], jnp.float32), cfg.prefetch,
                   first=_segment_start(num_chunks, seg_refs))
@@ -347,16 +324,15 @@ def state_kernel(k_ref, v_ref, g_ref, hs_ref, *seg_refs, cfg, num_chunks, mm_dty
     seg_refs[0][...] = h
 
 
-def out_kernel(q_ref, k_ref, v_ref, g_ref, *refs, cfg, mm_dtype, prec, states):
+def out_kernel(q_ref, k_ref, v_ref, g_ref, *refs, cfg, mm_dtype, prec, state_refs: int):
   """F2/F3 for one chunk and one V tile; the K contractions run over K tiles of `cfg.score_block_k`.
 
-  refs: h_n's `states.num_refs` refs (`states`: a `StoredStates` or `gpu_recompute.RecomputedStates`), then
-  o."""
-  h_refs, (o_ref,) = refs[:states.num_refs], refs[states.num_refs:]
+  refs: h_n's `state_refs` refs (see `load_state`), then o."""
+  h_refs, (o_ref,) = refs[:state_refs], refs[state_refs:]
   o = a = None
   for cols in _k_tiles(q_ref.shape[-1], cfg.score_block_k):
     qf, kf, g = q_ref[:, cols].astype(jnp.float32), k_ref[:, cols].astype(jnp.float32), g_ref[:, cols]
-    inter = _mm((qf * _exp(g)).astype(mm_dtype), states.load(h_refs, cols).astype(mm_dtype), prec)
+    inter = _mm((qf * _exp(g)).astype(mm_dtype), load_state(h_refs, cols).astype(mm_dtype), prec)
     scores = _scores(qf, kf, g, g_ref, 0, cfg.chunk_size, mm_dtype, prec, cfg, cols)
     o, a = (inter, scores) if o is None else (o + inter, a + scores)
   o = o + _mm(a.astype(mm_dtype), v_ref[...].astype(mm_dtype), prec)
@@ -368,13 +344,14 @@ def dstate_kernel(q_ref, g_ref, do_ref, ds_ref, *seg_refs, cfg, num_chunks, mm_d
   c = cfg.chunk_size
 
   def load(n):
-    rows = chunk_rows(n, c)
+    rows = _rows(n, c)
     return q_ref[rows, :], g_ref[rows, :], g_ref[n * c + c - 1, :], do_ref[rows, :]
 
   def step(n, d, chunk):
     q, g, g_last, do = chunk
     ds_ref[n] = d.astype(ds_ref.dtype)
-    return dstate_update(d, q, g, g_last, do, cfg.scale, mm_dtype, prec)
+    qg = (q.astype(jnp.float32) * (_exp(g) * cfg.scale)).astype(mm_dtype)
+    return d * _exp(g_last)[:, None] + _mm_tn(qg, do.astype(mm_dtype), prec)
 
   d = _sequential(num_chunks, load, step, jnp.zeros(ds_ref.shape[1:], jnp.float32), cfg.prefetch,
                   reverse=True, first=_segment_start(num_chunks, seg_refs))
@@ -443,11 +420,11 @@ def grad_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, d_ref, dq_ref, dk_ref
   dg_ref[...] = dg
 
 
-def dv_kernel(q_ref, k_ref, g_ref, do_ref, *refs, cfg, mm_dtype, prec, states):
+def dv_kernel(q_ref, k_ref, g_ref, do_ref, *refs, cfg, mm_dtype, prec, state_refs: int):
   """B3 for one chunk and one V tile: dv = A^T do + (k e^(gamma - G)) D_n, K contracted in tiles.
 
-  refs: D_n's `states.num_refs` refs (see `out_kernel`), then dv."""
-  d_refs, (dv_ref,) = refs[:states.num_refs], refs[states.num_refs:]
+  refs: D_n's `state_refs` refs (see `load_state`), then dv."""
+  d_refs, (dv_ref,) = refs[:state_refs], refs[state_refs:]
   c = cfg.chunk_size
   a = inter = None
   for cols in _k_tiles(q_ref.shape[-1], cfg.score_block_k):
@@ -455,19 +432,17 @@ def dv_kernel(q_ref, k_ref, g_ref, do_ref, *refs, cfg, mm_dtype, prec, states):
     kf = k_ref[:, cols].astype(jnp.float32)
     scores = _scores(q_ref[:, cols].astype(jnp.float32), kf, g, g_ref, 0, c, mm_dtype, prec, cfg, cols)
     k_dec = (kf * _exp(g_last[None, :] - g)).astype(mm_dtype)
-    tile_inter = _mm(k_dec, states.load(d_refs, cols).astype(mm_dtype), prec)
+    tile_inter = _mm(k_dec, load_state(d_refs, cols).astype(mm_dtype), prec)
     a, inter = (scores, tile_inter) if a is None else (a + scores, inter + tile_inter)
   dv = _mm_tn((a * cfg.scale).astype(mm_dtype), do_ref[...].astype(mm_dtype), prec) + inter
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, *refs, cfg, mm_dtype, prec, states: tuple):
+def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, *refs, cfg, mm_dtype, prec, state_refs: tuple[int, int]):
   """B2, B4-B6 for one chunk and one K tile (grid axis; only dA = do v^T spans K, and it does not depend on
   the K tile, so each tile recomputes it); the inter-chunk terms are folded in first so few C x K tensors
-  stay alive. refs: h_n's and D_n's refs (`num_refs` of each of the two `states`, see `out_kernel`), then
-  dq, dk, dG."""
-  h_states, d_states = states
-  n_h, n_d = h_states.num_refs, d_states.num_refs
+  stay alive. refs: h_n's and D_n's refs (`state_refs` of each, see `load_state`), then dq, dk, dG."""
+  n_h, n_d = state_refs
   h_refs, d_refs, (dq_ref, dk_ref, dg_ref) = refs[:n_h], refs[n_h:n_h + n_d], refs[n_h + n_d:]
   c, scale = cfg.chunk_size, cfg.scale
   dim_v = v_ref.shape[-1]
@@ -476,7 +451,7 @@ def dqk_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, *refs, cfg, mm_dtype, prec, s
   d_a = dq = dk = hd = None
   for t in [pl.ds(i * bv, bv) for i in range(dim_v // bv)]:
     do_t, v_t = do_ref[:, t].astype(mm_dtype), v_ref[:, t].astype(mm_dtype)
-    h_t, d_t = h_states.load(h_refs, cols=t), d_states.load(d_refs, cols=t)
+    h_t, d_t = load_state(h_refs, cols=t), load_state(d_refs, cols=t)
     terms = (_mm_nt(do_t, v_t, prec), _mm_nt(do_t, h_t.astype(mm_dtype), prec),
              _mm_nt(v_t, d_t.astype(mm_dtype), prec),
              jnp.sum(h_t.astype(jnp.float32) * d_t.astype(jnp.float32), axis=1))

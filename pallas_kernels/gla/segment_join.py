@@ -3,12 +3,10 @@
 A state pass split into S segments runs each from a zero state; what each segment receives from the ones
 before it (after it, for the backward pass's reverse pass) is formed here in XLA, on [B, S, H, ...] and
 [B, NT, H, K] arrays (S small, the loop unrolled), and the kernels that read the states add it as they load
-them. The math is in `join`'s docstring; `SegmentedStates` (Triton kernels, `gpu`) and
-`gpu_mosaic.TransposedStates` hold the parts (K x V states, or transposed V x K ones).
+them. The math is in `join`'s docstring; `gpu.SegmentedStates` and `gpu_mosaic.TransposedStates` hold the
+parts (K x V states, or transposed V x K ones).
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,18 +39,3 @@ def join(ends: Array, gamma: Array, reverse: bool, k_axis: int) -> tuple[Array, 
     src = s + 1 if reverse else s - 1
     carries[s] = carries[src] * total[:, src] + ends[:, src]
   return jnp.stack(carries, axis=1), jnp.exp(decay_in).reshape(b, nt, heads, dim_k)
-
-
-class SegmentedStates(NamedTuple):
-  """The states of a segmented pass, not summed up: h_n = local[n] + decay[n] * carry[segment of n].
-
-  The kernels that read states add the two parts as they load them (`gpu_kernels.load_state`), so no pass
-  over every state joins them; `materialize` does (for the one-kernel gradient, `grad_version=1`).
-  """
-  local: Array   # [B, NT, H, K, V], bf16 for bf16 inputs: what the segment's own chunks put in
-  carry: Array   # [B, S, H, K, V] fp32: the state entering each segment (from its right when reverse)
-  decay: Array   # [B, NT, H, K] fp32: e^(sum of the log decays between the segment's border and chunk n)
-
-  def materialize(self) -> Array:
-    carry = jnp.repeat(self.carry, self.local.shape[1] // self.carry.shape[1], axis=1)
-    return (self.local.astype(jnp.float32) + self.decay[..., None] * carry).astype(self.local.dtype)

@@ -43,10 +43,9 @@ def _gate(a, matmul_dtype):
   return LowRankGate(a["x"], a["w_down"], a["w_up"], a["b_up"], matmul_dtype=matmul_dtype)
 
 
-def _fused(a, matmul_dtype, chunk, interpret=True, config=None):
+def _fused(a, matmul_dtype, chunk, interpret=True):
   gate = _gate(a, matmul_dtype)
-  return gpu.gla_low_rank_gate(a["q"], a["k"], a["v"], gate, chunk_size=chunk, interpret=interpret,
-                               config=config)
+  return gpu.gla_low_rank_gate(a["q"], a["k"], a["v"], gate, chunk_size=chunk, interpret=interpret)
 
 
 def _unfused(a, matmul_dtype, chunk):
@@ -61,14 +60,14 @@ def _value_and_grads(fn, a, do):
   return out, vjp(do)[0]
 
 
-def _compare(shape, dtype, matmul_dtype, chunk, tol, interpret=True, config=None):
+def _compare(shape, dtype, matmul_dtype, chunk, tol, interpret=True):
   rng, seed = fresh_rng()
   b, t, h, dk, dv, dim, rank = shape
   a = _inputs(rng, b, t, h, dk, dv, dim, rank, dtype)
   do = jnp.asarray(rng.standard_normal((b, t, h, dv)), dtype)
   with jax.default_matmul_precision("highest"):
-    got = jax.jit(lambda a, do: _value_and_grads(lambda a: _fused(a, matmul_dtype, chunk, interpret, config),
-                                                 a, do))(a, do)
+    got = jax.jit(lambda a, do: _value_and_grads(lambda a: _fused(a, matmul_dtype, chunk, interpret), a, do))(
+        a, do)
     want = jax.jit(lambda a, do: _value_and_grads(lambda a: _unfused(a, matmul_dtype, chunk), a, do))(
         a, do.astype(jnp.float32))
   assert got[0].dtype == dtype and got[0].shape == (b, t, h, dv)

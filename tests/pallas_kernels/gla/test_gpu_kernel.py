@@ -46,8 +46,7 @@ def _reference_fwd_and_grads(q, k, v, g, do, chunk):
   return (o, *vjp(do))
 
 
-def _check(shape, dtype, chunk, config, interpret, seed_rng=None, gates=(1e-3, 10.0), ref_chunk=None):
-  """The kernels' output and gradients against the reference (chunk `ref_chunk`, default the kernels')."""
+def _check(shape, dtype, chunk, config, interpret, seed_rng=None, gates=(1e-3, 10.0)):
   rng, seed = seed_rng or fresh_rng()
   b, t, h, dk, dv = shape
   q, k, v, g = random_inputs(rng, b, t, h, dk, dv, *gates)
@@ -56,7 +55,7 @@ def _check(shape, dtype, chunk, config, interpret, seed_rng=None, gates=(1e-3, 1
   got = _fwd_and_grads(lambda *a: gpu.gla(*a, chunk_size=chunk, interpret=interpret, config=config),
                        q, k, v, g, do)
   up = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g, do)]
-  want = _reference_fwd_and_grads(*up, chunk=ref_chunk or chunk or 64)
+  want = _reference_fwd_and_grads(*up, chunk=chunk or 64)
   assert got[0].dtype == dtype and got[0].shape == (b, t, h, dv)
   for name, a, r in zip(("o", "dq", "dk", "dv", "dg"), got, want):
     assert a.shape == r.shape, name
