@@ -20,13 +20,15 @@ ablation row, whose code is not released).
 
 How the conv is computed (`dwconv_impl`; same parameters, same function, tested against each other):
 "conv" is XLA's grouped convolution, a cuDNN call on GPU for the forward, the input gradient (both
-`convForward`) and the weight gradient (`convBackwardFilter`). cuDNN's algorithm is picked by XLA's
-autotuner at every compilation, and for DiG-S/2's 256 px step it picked a slow one (legacy algorithm 0
-instead of 5 for all 24 `convForward` calls) in some fresh compilations: the training step came out 1.48x
-slower, the sampling forward 1.7x (session 15, H200, benchmarks/NOTES.md). "taps" computes the forward and
-the input gradient as a sum of the k*k shifted, per-channel scaled token grids (an XLA loop fusion, nothing
-for the autotuner to pick; accumulated in fp32) and keeps cuDNN's backward-filter conv for the weight
-gradient (its algorithm did not vary), through a custom VJP.
+`convForward`) and the weight gradient (`convBackwardFilter`); XLA's autotuner picks cuDNN's algorithm at
+every compilation. 3 of 18 fresh compilations of DiG-S/2's 256 px step on an H200 (sessions 14-15) gave a
+program 1.46-1.48x slower to train and 1.7-1.9x slower to sample, for as long as it served; the one whose
+optimised module was kept ran cuDNN's legacy algorithm 0 instead of 5 in all 24 `convForward` calls.
+"taps" (the default) computes the forward and the input gradient as a sum of the k*k shifted, per-channel
+scaled token grids (an XLA loop fusion, accumulated in fp32: nothing for the autotuner to pick) and keeps
+cuDNN's backward-filter conv for the weight gradient (its algorithm did not vary), through a custom VJP.
+Training throughput against a well-picked cuDNN conv (H200, bf16, DiG-S/2, medians of fresh compilations):
+1.01x at 256 px (inside the run spread), 0.97x at 1792 px (benchmarks/NOTES.md, session 15).
 """
 from __future__ import annotations
 
@@ -117,7 +119,7 @@ class DepthwiseConv(nnx.Module):
   """3x3 depthwise conv with bias on tokens [N, T, D] viewed as the current (rows, cols) grid; no residual."""
 
   def __init__(self, features: int, *, init: str, rngs: nnx.Rngs, dtype, kernel_size: int = 3,
-               impl: str = "conv"):
+               impl: str = "taps"):
     if init not in ("identity", "random"):
       raise ValueError(f"unknown dwconv init {init!r}; use 'identity' or 'random'")
     if impl not in DWCONV_IMPLS:
@@ -194,7 +196,7 @@ def _taps_conv_bwd(residuals, dy):
 _taps_conv.defvjp(_taps_conv_fwd, _taps_conv_bwd)
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, *, impl: str = "conv") -> jax.Array:
+def depthwise_conv(x: jax.Array, kernel: jax.Array, *, impl: str = "taps") -> jax.Array:
   """Depthwise "same" conv of x [N, H, W, D] with kernel [k, k, 1, D] (k odd), no bias; `impl` as in the
   module docstring ("conv" or "taps"; equal up to rounding)."""
   if impl == "conv":
