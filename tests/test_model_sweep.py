@@ -253,6 +253,22 @@ def test_launch_gives_the_worker_its_own_xla_flags_without_touching_this_process
   assert model_sweep.os.environ["XLA_FLAGS"] == "--base"
 
 
+def test_launch_keeps_the_workers_xla_warnings(monkeypatch):
+  """XLA's C++ log lines (absl format W/E/F + date) on a successful worker's stderr land in `xla_log`."""
+  stderr = ("I1127 14:50:14.7 1 gpu.cc:1] info, not kept\n"
+            "E1127 14:50:14.776038 2727 conv_algorithm_picker.cc:1] Results mismatch between algorithms\n"
+            "Traceback-free python noise\nW1127 14:50:15.1 2 autotuner.cc:9] slow\n")
+  outputs = iter([model_sweep.RESULT_TAG + '{"status": "ok"}\n', model_sweep.RESULT_TAG + '{"status": "ok"}\n'])
+  errors = iter([stderr, "no log lines\n"])
+  monkeypatch.setattr(model_sweep.subprocess, "run", lambda cmd, **kw: model_sweep.subprocess.CompletedProcess(
+      cmd, 0, next(outputs), next(errors)))
+  args = model_sweep.argparse.Namespace(steps=1, cache_dir="")
+  first = model_sweep.launch({}, "run", args, 1.0)
+  assert [line.split()[0] for line in first["xla_log"]] == ["E1127", "W1127"]
+  assert "Results mismatch" in first["xla_log"][0]
+  assert "xla_log" not in model_sweep.launch({}, "run", args, 1.0)
+
+
 def test_gpus_refuses_zero_repeats_no_precompilation_and_too_few_devices(monkeypatch, tmp_path):
   extra = ["--extra", "DiG-S/2:256:bf16"]
   for argv, message in ((["--gpus", "0"], "--gpus must be >= 1; got 0"),
