@@ -32,9 +32,8 @@ Training throughput against a well-picked cuDNN conv (H200, bf16, DiG-S/2, media
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +44,7 @@ from dig_jax.models import partitioning as pt
 
 SCAN_SCHEDULES = ("crisscross", "flip", "causal")
 DWCONV_MODES = ("identity", "random", "off")
-DWCONV_IMPLS = ("conv", "taps")
+DWCONV_IMPLS = ("taps", "conv")  # the first is the default
 Grid = tuple[int, int]
 
 
