@@ -24,11 +24,13 @@ How the conv is computed (`dwconv_impl`; same parameters, same function, tested 
 every compilation. 3 of 18 fresh compilations of DiG-S/2's 256 px step on an H200 (sessions 14-15) gave a
 program 1.46-1.48x slower to train and 1.7-1.9x slower to sample, for as long as it served; the one whose
 optimised module was kept ran cuDNN's legacy algorithm 0 instead of 5 in all 24 `convForward` calls.
-"taps" (the default) computes the forward and the input gradient as a sum of the k*k shifted, per-channel
-scaled token grids (an XLA loop fusion, accumulated in fp32: nothing for the autotuner to pick) and keeps
-cuDNN's backward-filter conv for the weight gradient (its algorithm did not vary), through a custom VJP.
-Training throughput against a well-picked cuDNN conv (H200, bf16, DiG-S/2, medians of fresh compilations):
-1.01x at 256 px (inside the run spread), 0.97x at 1792 px (benchmarks/NOTES.md, session 15).
+"taps" computes the forward and the input gradient as a sum of the k*k shifted, per-channel scaled token
+grids (an XLA loop fusion, accumulated in fp32: nothing for the autotuner to pick) and keeps cuDNN's
+backward-filter conv for the weight gradient (its algorithm did not vary), through a custom VJP. Training
+throughput against a well-picked cuDNN conv (H200, bf16, DiG-S/2, medians of fresh compilations): 1.01x at
+256 px (inside the run spread), 0.97x at 1792 px (benchmarks/NOTES.md, session 15). "auto" (the default)
+takes "taps" on GPUs and "conv" elsewhere: TPUs have no cuDNN to pick from, and on the CPU the taps form
+compiled ~1.6x slower (a 4-block test model's training step: 11.8-14.3 s vs 7.4-7.8 s) for the same speed.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from dig_jax.models import partitioning as pt
 
 SCAN_SCHEDULES = ("crisscross", "flip", "causal")
 DWCONV_MODES = ("identity", "random", "off")
-DWCONV_IMPLS = ("taps", "conv")  # the first is the default
+DWCONV_IMPLS = ("auto", "taps", "conv")  # the first is the default
 Grid = tuple[int, int]
 
 
@@ -118,7 +120,7 @@ class DepthwiseConv(nnx.Module):
   """3x3 depthwise conv with bias on tokens [N, T, D] viewed as the current (rows, cols) grid; no residual."""
 
   def __init__(self, features: int, *, init: str, rngs: nnx.Rngs, dtype, kernel_size: int = 3,
-               impl: str = "taps"):
+               impl: str = "auto"):
     if init not in ("identity", "random"):
       raise ValueError(f"unknown dwconv init {init!r}; use 'identity' or 'random'")
     if impl not in DWCONV_IMPLS:
@@ -195,11 +197,18 @@ def _taps_conv_bwd(residuals, dy):
 _taps_conv.defvjp(_taps_conv_fwd, _taps_conv_bwd)
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, *, impl: str = "taps") -> jax.Array:
+def resolve_dwconv_impl(impl: str, platform: str | None = None) -> str:
+  """"auto" -> "taps" on GPUs, "conv" elsewhere (`platform`: default JAX backend's); others unchanged."""
+  if impl not in DWCONV_IMPLS:
+    raise ValueError(f"unknown dwconv_impl {impl!r}; use one of {DWCONV_IMPLS}")
+  if impl != "auto":
+    return impl
+  return "taps" if (platform or jax.default_backend()) in ("gpu", "cuda", "rocm") else "conv"
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, *, impl: str = "auto") -> jax.Array:
   """Depthwise "same" conv of x [N, H, W, D] with kernel [k, k, 1, D] (k odd), no bias; `impl` as in the
-  module docstring ("conv" or "taps"; equal up to rounding)."""
-  if impl == "conv":
-    return _grouped_conv(x, kernel)
-  if impl == "taps":
+  module docstring ("auto", "taps" or "conv"; equal up to rounding)."""
+  if resolve_dwconv_impl(impl) == "taps":
     return _taps_conv(x, kernel)
-  raise ValueError(f"unknown dwconv_impl {impl!r}; use one of {DWCONV_IMPLS}")
+  return _grouped_conv(x, kernel)

@@ -157,6 +157,13 @@ def test_taps_conv_equals_grouped_conv_with_gradients(kernel_size, grid, dtype):
                                atol=tol * scale, rtol=tol, err_msg=name)
 
 
+def test_auto_dwconv_impl_takes_taps_on_gpus_only():
+  assert [srem.resolve_dwconv_impl("auto", p) for p in ("gpu", "cuda", "cpu", "tpu")] == [
+      "taps", "taps", "conv", "conv"]
+  assert srem.resolve_dwconv_impl("taps", "cpu") == "taps" and srem.resolve_dwconv_impl("conv", "gpu") == "conv"
+  assert srem.resolve_dwconv_impl("auto") == "conv"   # this test process: CPU
+
+
 def test_unknown_dwconv_impl_is_rejected():
   with pytest.raises(ValueError, match="dwconv_impl"):
     srem.DepthwiseConv(8, init="identity", rngs=nnx.Rngs(0), dtype=jnp.float32, impl="winograd")
