@@ -16,6 +16,12 @@ times both programs. Variants (`--variants`, any subset):
 - ``fp32``: the conv in float32 (another dtype, other candidates and tolerances);
 - ``taps``: ``impl="taps"`` (forward and input gradient as fusions, no algorithm to pick).
 
+To time a program that differs from another only in the conv's algorithm (the causal test, not yet run): dump
+XLA's autotuning results from a cell compiled with ``XLA_FLAGS=--xla_gpu_dump_autotune_results_to=PATH``
+(`sweep_worker` keeps the training step's as ``PATH.train``), rewrite its ``convForward`` entries with
+``--force_algorithm N --results PATH.train --out EDITED`` (`force_conv_algorithm`), and compile the same cell
+with ``--xla_gpu_load_autotune_results_from=EDITED`` and, as the control, from the unedited file.
+
 ``python -m benchmarks.dwconv_autotune [--shapes "32,16,16,384;2,112,112,384"] [--runs 6] [--variants
 default,level3,fp32,taps] [--out_dir DIR] [--tag T]`` prints a table per shape and variant (the algorithms
 picked with their counts, forward and training ms median [min, max], runs with warnings) and writes
@@ -28,6 +34,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -41,6 +48,35 @@ VARIANTS = {  # name -> (impl, dtype, extra XLA flags)
     "taps": ("taps", "bfloat16", ""),
 }
 RESULT_TAG = "RESULT "
+
+
+def force_conv_algorithm(text: str, algo_id: int) -> tuple[str, int]:
+  """XLA autotune results (text proto) with every cuDNN ``convForward`` entry's algorithm set to `algo_id`;
+  returns (text, entries changed). An entry is a top-level ``results {`` block; proto3 text omits an
+  ``algo_id`` of 0, so a missing one is inserted."""
+  blocks = re.split(r"(?m)^(?=results \{)", text)
+  changed = 0
+  for i, block in enumerate(blocks):
+    if "convForward" not in block or "algorithm {" not in block:
+      continue
+    if re.search(r"\balgo_id: \d+", block):
+      blocks[i] = re.sub(r"\balgo_id: \d+", f"algo_id: {algo_id}", block, count=1)
+    else:
+      blocks[i] = block.replace("algorithm {", f"algorithm {{\n    algo_id: {algo_id}", 1)
+    changed += 1
+  return "".join(blocks), changed
+
+
+def _force_main(args: argparse.Namespace) -> None:
+  with open(args.results, encoding="utf-8") as f:
+    text, changed = force_conv_algorithm(f.read(), args.force_algorithm)
+  if not changed:
+    raise SystemExit(f"{args.results}: no cuDNN convForward entry with an algorithm (entries: "
+                     f"{text.count(chr(10) + 'results {') + text.startswith('results {')}); was it dumped "
+                     "right after the training step's compilation (PATH.train)?")
+  with open(args.out, "w", encoding="utf-8") as f:
+    f.write(text)
+  print(f"{changed} convForward entries -> algorithm {args.force_algorithm}: {args.out}")
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -125,8 +161,17 @@ def main() -> None:
                                                                                 "results"))
   parser.add_argument("--tag", default="")
   parser.add_argument("--deadline_s", type=float, default=1e9, help="start no run after this many seconds")
+  parser.add_argument("--force_algorithm", type=int, default=None,
+                      help="rewrite --results' convForward entries to this algorithm into --out, and exit")
+  parser.add_argument("--results", default="", help="--force_algorithm: XLA autotune results (text proto)")
+  parser.add_argument("--out", default="", help="--force_algorithm: where the edited results go")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.force_algorithm is not None:
+    if not args.results or not args.out:
+      raise SystemExit("--force_algorithm needs --results IN and --out OUT")
+    _force_main(args)
+    return
   if args.worker:
     print(RESULT_TAG + json.dumps(run_worker(json.loads(args.worker))), flush=True)
     return

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import statistics
 import time
 from typing import Any
@@ -173,6 +175,16 @@ def _save_hlo(spec: dict[str, Any], which: str, compiled, out: dict[str, Any]) -
   out.setdefault("hlo_files", {})[which] = path
 
 
+def keep_autotune_results(which: str, out: dict[str, Any]) -> None:
+  """With XLA_FLAGS --xla_gpu_dump_autotune_results_to=PATH, copies PATH to PATH.<which> right after the
+  `which` program's compilation: XLA rewrites PATH after every compilation, and the worker's later small
+  ones (random inputs, the forward) left it nearly empty (session 15). Records the copy in out."""
+  match = re.search(r"--xla_gpu_dump_autotune_results_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
+  if match and os.path.exists(match.group(1)):
+    shutil.copyfile(match.group(1), f"{match.group(1)}.{which}")
+    out.setdefault("autotune_results", {})[which] = f"{match.group(1)}.{which}"
+
+
 def run_worker(spec: dict[str, Any], mode: str, steps: int) -> dict[str, Any]:
   """Compiles (mode "compile") or compiles and times (mode "run") one cell; returns a result dict."""
   import contextlib
@@ -193,6 +205,7 @@ def run_worker(spec: dict[str, Any], mode: str, steps: int) -> dict[str, Any]:
       out["train_compile_s"] = time.perf_counter() - t0
       out["train_memory_analysis"] = _memory_analysis(step)
       _save_hlo(spec, "train", step, out)
+      keep_autotune_results("train", out)
       b, latent = spec["batch"], spec["px"] // 8
       keys = jax.random.split(jax.random.key(1), 3)
       x = jax.random.normal(keys[0], (b, latent, latent, 4), jnp.float32)
@@ -204,6 +217,7 @@ def run_worker(spec: dict[str, Any], mode: str, steps: int) -> dict[str, Any]:
       out["forward_compile_s"] = time.perf_counter() - t0
       out["forward_memory_analysis"] = _memory_analysis(fwd)
       _save_hlo(spec, "forward", fwd, out)
+      keep_autotune_results("forward", out)
       if mode == "compile":
         return out
       stage = "train"

@@ -44,3 +44,54 @@ def test_one_real_run_per_variant_writes_the_json(monkeypatch, tmp_path):
   for run in result["runs"]:
     assert run["forward_ms"] > 0 and run["train_ms"] > 0 and run["forward_algorithms"] == {}
   assert [s["variant"] for s in result["summary"]] == ["default", "taps"]
+
+
+_RESULTS = '''version: 3
+results {
+  device: "CUDA: 9.0"
+  hlo: "(bf16[32,16,16,384]{3,2,1,0}, u8[0]{0}) custom-call(), custom_call_target=\\"__cudnn$convForward\\""
+  result {
+    algorithm {
+      algo_id: 5
+      math_type: DEFAULT_MATH
+    }
+  }
+}
+results {
+  device: "CUDA: 9.0"
+  hlo: "(bf16[32,16,16,384]{3,2,1,0}) custom-call(), custom_call_target=\\"__cudnn$convForward\\""
+  result {
+    algorithm {
+      math_type: DEFAULT_MATH
+    }
+  }
+}
+results {
+  device: "CUDA: 9.0"
+  hlo: "custom-call(), custom_call_target=\\"__cudnn$convBackwardFilter\\""
+  result {
+    algorithm {
+      algo_id: 16
+    }
+  }
+}
+'''
+
+
+def test_force_conv_algorithm_rewrites_forward_convs_only():
+  text, changed = dwconv_autotune.force_conv_algorithm(_RESULTS, 0)
+  assert changed == 2
+  assert text.count("algo_id: 0") == 2 and "algo_id: 5" not in text and "algo_id: 16" in text
+  back, changed = dwconv_autotune.force_conv_algorithm(text, 5)
+  assert changed == 2 and back.count("algo_id: 5") == 2 and back.startswith("version: 3\nresults {")
+
+
+def test_force_algorithm_command_line(monkeypatch, tmp_path):
+  src, dst = tmp_path / "at.textproto.train", tmp_path / "edited.textproto"
+  src.write_text(_RESULTS)
+  _run(monkeypatch, ["--force_algorithm", "0", "--results", str(src), "--out", str(dst)])
+  assert dst.read_text().count("algo_id: 0") == 2
+  src.write_text(_RESULTS.split("results {")[0] + "results {" + _RESULTS.split("results {")[3])
+  with pytest.raises(SystemExit, match="no cuDNN convForward entry.*entries: 1"):
+    _run(monkeypatch, ["--force_algorithm", "0", "--results", str(src), "--out", str(tmp_path / "x")])
+  assert not (tmp_path / "x").exists()

@@ -282,3 +282,21 @@ def test_gpus_refuses_zero_repeats_no_precompilation_and_too_few_devices(monkeyp
     _run_main(monkeypatch, tmp_path, extra + ["--gpus", "2", "--jobs", "2"], device_count=2,
               device_kinds=["NVIDIA H100", "NVIDIA H200"])
   assert not list(tmp_path.iterdir())     # nothing written
+
+
+def test_worker_keeps_the_autotune_results_of_each_program(monkeypatch, tmp_path):
+  """XLA rewrites the dump file after every compilation; the worker copies it right after each program's."""
+  from benchmarks import sweep_worker
+  dump = tmp_path / "at.textproto"
+  monkeypatch.setenv("XLA_FLAGS", f"--xla_gpu_autotune_level=4 --xla_gpu_dump_autotune_results_to={dump}")
+  out = {}
+  sweep_worker.keep_autotune_results("train", out)           # nothing dumped yet: nothing kept
+  assert out == {}
+  dump.write_text("train step's results")
+  sweep_worker.keep_autotune_results("train", out)
+  dump.write_text("a later small compilation's")
+  assert (tmp_path / "at.textproto.train").read_text() == "train step's results"
+  assert out == {"autotune_results": {"train": f"{dump}.train"}}
+  monkeypatch.setenv("XLA_FLAGS", "")
+  sweep_worker.keep_autotune_results("forward", out)
+  assert "forward" not in out["autotune_results"]
