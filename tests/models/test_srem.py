@@ -157,6 +157,27 @@ def test_taps_conv_equals_grouped_conv_with_gradients(kernel_size, grid, dtype):
                                atol=tol * scale, rtol=tol, err_msg=name)
 
 
+def test_taps_conv_on_a_token_grid_sharded_over_batch_and_rows():
+  """Under `jax.jit` with the batch and the grid rows split over 8 devices (data x context), the taps conv and
+  its gradients equal the unsharded grouped conv's (XLA exchanges the halo rows of the shifted slices)."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices (the test suite's fake CPU devices)")
+  mesh = jax.make_mesh((2, 4), ("data", "context"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "context"))
+  x, kernel, cotangent = normal(4, (4, 8, 6, 16)), normal(5, (3, 3, 1, 16)), normal(6, (4, 8, 6, 16))
+
+  def value_and_grads(impl):
+    def loss(x, k):
+      return jnp.sum(srem.depthwise_conv(x, k, impl=impl) * cotangent)
+    return jax.value_and_grad(loss, argnums=(0, 1))
+  x_sharded = jax.device_put(x, sharding)
+  assert len(x_sharded.addressable_shards) == 8 and x_sharded.addressable_shards[0].data.shape == (2, 2, 6, 16)
+  sharded = jax.jit(value_and_grads("taps"))(x_sharded, kernel)
+  reference = value_and_grads("conv")(x, kernel)
+  for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+
 def test_auto_dwconv_impl_takes_taps_on_gpus_only():
   assert [srem.resolve_dwconv_impl("auto", p) for p in ("gpu", "cuda", "cpu", "tpu")] == [
       "taps", "taps", "conv", "conv"]
