@@ -10,7 +10,7 @@ the cuDNN algorithms the compiler chose (`hlo_decisions`), the compiler's warnin
 XLA's "Results mismatch between different convolution algorithms", which disqualifies an algorithm), and
 times both programs. Variants (`--variants`, any subset):
 
-- ``default``: `srem.depthwise_conv(impl="conv")` in bf16, the model's default;
+- ``default``: `srem.depthwise_conv(impl="conv")` in bf16 (the model's GPU conv until session 15);
 - ``level3``: the same with ``--xla_gpu_autotune_level=3`` (autotuning without checking the candidates'
   results against each other: a test of the hypothesis that the check disqualifies the fast algorithm);
 - ``fp32``: the conv in float32 (another dtype, other candidates and tolerances);
@@ -204,7 +204,8 @@ def main() -> None:
 
   device = next((r["device"] for r in runs if r.get("device")), "unknown")
   summary = []
-  print(f"\n{device}: shape, variant | ok | forward ms median [min, max] | train ms | log/mismatch runs | picks")
+  print(f"\n{device}: shape, variant | ok | forward ms median [min, max] | train ms | "
+        "log/mismatch runs | picks")
   for shape in shapes:
     for variant in variants:
       s = summarize([r for r in runs if tuple(r["shape"]) == shape and r["variant"] == variant])
