@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import time
@@ -29,13 +28,7 @@ def card_slug(device_kind: str) -> str:
 
 
 LOG: list[str] = []
-_XLA_LOG_LINE = re.compile(r"^[EWF]\d{4} ")
 
-
-def xla_log_lines(stderr: str, limit: int = 12, width: int = 300) -> list[str]:
-  """The absl-format warning / error / fatal lines (XLA's C++ log, e.g. the autotuner's "Results mismatch
-  between different convolution algorithms") of a worker's stderr: the first `limit`, cut to `width`."""
-  return [line[:width] for line in stderr.splitlines() if _XLA_LOG_LINE.match(line)][:limit]
 
 
 T_START = time.time()

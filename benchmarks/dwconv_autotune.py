@@ -36,10 +36,10 @@ import json
 import os
 import re
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
+
+from benchmarks import worker_process
 
 VARIANTS = {  # name -> (impl, dtype, extra XLA flags)
     "default": ("conv", "bfloat16", ""),
@@ -47,7 +47,6 @@ VARIANTS = {  # name -> (impl, dtype, extra XLA flags)
     "fp32": ("conv", "float32", ""),
     "taps": ("taps", "bfloat16", ""),
 }
-RESULT_TAG = "RESULT "
 
 
 def force_conv_algorithm(text: str, algo_id: int) -> tuple[str, int]:
@@ -120,18 +119,13 @@ def launch(spec: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
   """One worker subprocess with the variant's XLA_FLAGS; a crash or timeout becomes an error result."""
   flags = " ".join(filter(None, (os.environ.get("XLA_FLAGS", ""), VARIANTS[spec["variant"]][2])))
   env = dict(os.environ, XLA_FLAGS=flags, PYTHONUNBUFFERED="1")
-  cmd = [sys.executable, "-m", "benchmarks.dwconv_autotune", "--worker", json.dumps(spec)]
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  from benchmarks.bench_common import xla_log_lines
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
-  except subprocess.TimeoutExpired:
+  run = worker_process.run_worker("benchmarks.dwconv_autotune", spec, [], env, timeout)
+  if run.timed_out:
     return dict(spec, status="timeout", xla_log=[])
-  log_lines = xla_log_lines(proc.stderr)
-  for line in proc.stdout.splitlines():
-    if line.startswith(RESULT_TAG):
-      return dict(json.loads(line[len(RESULT_TAG):]), status="ok", xla_log=log_lines)
-  return dict(spec, status="crash", error=f"exit {proc.returncode}: {proc.stderr[-1500:]}", xla_log=log_lines)
+  log_lines = worker_process.xla_log_lines(run.stderr)
+  if run.result is not None:
+    return dict(run.result, status="ok", xla_log=log_lines)
+  return dict(spec, status="crash", error=f"exit {run.returncode}: {run.stderr[-1500:]}", xla_log=log_lines)
 
 
 def _spread(values: list[float]) -> str:
@@ -173,7 +167,7 @@ def main() -> None:
     _force_main(args)
     return
   if args.worker:
-    print(RESULT_TAG + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+    worker_process.emit_result(run_worker(json.loads(args.worker)))
     return
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]
   unknown = sorted(set(variants) - set(VARIANTS))

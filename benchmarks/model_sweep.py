@@ -51,10 +51,11 @@ import threading
 import time
 from typing import Any, Callable
 
+from benchmarks.worker_process import run_worker, xla_log_lines
+
 SIZES = (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
 BATCH = {256: 32, 512: 8, 768: 4, 1024: 4, 1280: 2, 1536: 2, 1792: 2, 2048: 2}
 PRECISIONS = ("bf16", "fp32")
-RESULT_TAG = "RESULT "
 
 
 def cell(model: str, px: int, precision: str, *, batch: int | None = None, attention: str = "xla",
@@ -231,7 +232,7 @@ def launch(spec: dict[str, Any], mode: str, args: argparse.Namespace, timeout: f
   """Runs one worker subprocess; a crash or timeout becomes an error result. `gpu`: the worker sees only this
   process's GPU of that index (CUDA_VISIBLE_DEVICES); None: all that this process sees. `xla_flags`: the
   worker's XLA_FLAGS instead of this process's. XLA's warnings and errors on the worker's stderr (e.g. the
-  autotuner's) are kept in the result as `xla_log` (`bench_common.xla_log_lines`)."""
+  autotuner's) are kept in the result as `xla_log` (`worker_process.xla_log_lines`)."""
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   if xla_flags is not None:
     env["XLA_FLAGS"] = xla_flags
@@ -241,22 +242,16 @@ def launch(spec: dict[str, Any], mode: str, args: argparse.Namespace, timeout: f
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   if mode == "compile":
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-  cmd = [sys.executable, "-m", "benchmarks.model_sweep", "--worker", json.dumps(spec), "--mode", mode,
-         "--steps", str(args.steps), "--cache_dir", args.cache_dir]
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  except subprocess.TimeoutExpired:
+  run = run_worker("benchmarks.model_sweep", spec,
+                   ["--mode", mode, "--steps", str(args.steps), "--cache_dir", args.cache_dir], env, timeout)
+  if run.timed_out:
     return dict(spec, status="timeout", error=f"worker exceeded {timeout:.0f} s ({mode})")
-  for line in proc.stdout.splitlines():
-    if line.startswith(RESULT_TAG):
-      result = json.loads(line[len(RESULT_TAG):])
-      from benchmarks.bench_common import xla_log_lines
-      log_lines = xla_log_lines(proc.stderr)
-      return dict(result, xla_log=log_lines) if log_lines else result
-  tail = (proc.stderr or proc.stdout)[-1500:]
+  if run.result is not None:
+    log_lines = xla_log_lines(run.stderr)
+    return dict(run.result, xla_log=log_lines) if log_lines else run.result
+  tail = (run.stderr or run.stdout)[-1500:]
   status = "oom" if "RESOURCE_EXHAUSTED" in tail or "out of memory" in tail.lower() else "crash"
-  return dict(spec, status=status, error=f"exit {proc.returncode}: {tail}")
+  return dict(spec, status=status, error=f"exit {run.returncode}: {tail}")
 
 
 def fmt_cell(r: dict[str, Any]) -> str:

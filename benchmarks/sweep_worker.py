@@ -16,7 +16,8 @@ import statistics
 import time
 from typing import Any
 
-from benchmarks.model_sweep import DIAG_KERNEL_OVERRIDES, MODEL_DIAGNOSTICS, RESULT_TAG
+from benchmarks.model_sweep import DIAG_KERNEL_OVERRIDES, MODEL_DIAGNOSTICS
+from benchmarks.worker_process import emit_result
 
 TRAIN_TARGET_S = 1.0  # timed steps per cell: at least --steps, more until this much time (at most 20)
 FWD_TARGET_S = 0.5
@@ -265,4 +266,4 @@ def worker_main(args: argparse.Namespace) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   spec = json.loads(args.worker)
   result = run_worker(spec, args.mode, args.steps)
-  print(RESULT_TAG + json.dumps(result), flush=True)
+  emit_result(result)

@@ -1,8 +1,10 @@
 """The resolution-sweep script's pure parts (benchmarks/model_sweep.py): cell specs, the repeat summary, the
 `--profile` report and `--resume` (workers replaced) and the model diagnostics' patches."""
+import subprocess
+
 import pytest
 
-from benchmarks import model_sweep, sweep_worker
+from benchmarks import model_sweep, sweep_worker, worker_process
 
 
 def test_extra_cells_parse_model_overrides_with_types():
@@ -225,9 +227,9 @@ def _worker_env_values(monkeypatch, name):
 
   def fake_subprocess_run(cmd, env, **kw):
     seen.append(env.get(name))
-    return model_sweep.subprocess.CompletedProcess(cmd, 1, "", "boom")
+    return subprocess.CompletedProcess(cmd, 1, "", "boom")
 
-  monkeypatch.setattr(model_sweep.subprocess, "run", fake_subprocess_run)
+  monkeypatch.setattr(worker_process.subprocess, "run", fake_subprocess_run)
   return seen
 
 
@@ -258,9 +260,9 @@ def test_launch_keeps_the_workers_xla_warnings(monkeypatch):
   stderr = ("I1127 14:50:14.7 1 gpu.cc:1] info, not kept\n"
             "E1127 14:50:14.776038 2727 conv_algorithm_picker.cc:1] Results mismatch between algorithms\n"
             "Traceback-free python noise\nW1127 14:50:15.1 2 autotuner.cc:9] slow\n")
-  outputs = iter([model_sweep.RESULT_TAG + '{"status": "ok"}\n', model_sweep.RESULT_TAG + '{"status": "ok"}\n'])
+  outputs = iter([worker_process.RESULT_TAG + '{"status": "ok"}\n'] * 2)
   errors = iter([stderr, "no log lines\n"])
-  monkeypatch.setattr(model_sweep.subprocess, "run", lambda cmd, **kw: model_sweep.subprocess.CompletedProcess(
+  monkeypatch.setattr(worker_process.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
       cmd, 0, next(outputs), next(errors)))
   args = model_sweep.argparse.Namespace(steps=1, cache_dir="")
   first = model_sweep.launch({}, "run", args, 1.0)
