@@ -120,6 +120,14 @@ def _shape_mismatches(saved: dict[str, tuple[int, ...] | None], abstract: Any, *
   return lines
 
 
+def _step_mismatches(manager: ocp.CheckpointManager, step: int, abstract: Any, *,
+                     partial: bool = False) -> list[str]:
+  """`_shape_mismatches` of the step's saved arrays against `abstract`; [] when its metadata is unreadable
+  (the restore itself then reports the step's error)."""
+  saved = _saved_shapes(manager, step)
+  return [] if saved is None else _shape_mismatches(saved, abstract, partial=partial)
+
+
 def _describe_mismatches(lines: list[str]) -> str:
   listed = lines[:MAX_LISTED_MISMATCHES]
   more = f"\n    ... and {len(lines) - len(listed)} more" if len(lines) > len(listed) else ""
@@ -141,8 +149,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   errors = []
   listed: tuple[int, list[str]] | None = None  # (step, mismatches) last spelled out in `errors`
   for step in steps:
-    saved = _saved_shapes(manager, step)
-    mismatches = _shape_mismatches(saved, abstract_state) if saved is not None else []
+    mismatches = _step_mismatches(manager, step, abstract_state)
     if mismatches:  # Not handed to orbax, whose async restore of mismatched shapes once hung.
       logging.warning("Checkpoint step %d does not match the train state (mismatched arrays: %d); trying an "
                       "older one.", step, len(mismatches))
@@ -202,8 +209,7 @@ def restore_subtree(workdir: str | os.PathLike[str], abstract_subtree: dict[str,
       step = max(steps)
     elif step not in steps:
       raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; available: {sorted(steps)}.")
-    saved = _saved_shapes(manager, step)
-    mismatches = _shape_mismatches(saved, abstract_subtree, partial=True) if saved is not None else []
+    mismatches = _step_mismatches(manager, step, abstract_subtree, partial=True)
     if mismatches:
       raise ValueError(f"Checkpoint step {step} in {directory}: {_describe_mismatches(mismatches)}")
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
