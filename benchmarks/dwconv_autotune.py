@@ -16,9 +16,10 @@ times both programs. Variants (`--variants`, any subset):
 - ``fp32``: the conv in float32 (another dtype, other candidates and tolerances);
 - ``taps``: ``impl="taps"`` (forward and input gradient as fusions, no algorithm to pick).
 
-To time a program that differs from another only in the conv's algorithm (the causal test, not yet run): dump
-XLA's autotuning results from a cell compiled with ``XLA_FLAGS=--xla_gpu_dump_autotune_results_to=PATH``
-(`sweep_worker` keeps the training step's as ``PATH.train``), rewrite its ``convForward`` entries with
+The causal test (session 16, H100: algorithm 0 made DiG-S/2's 256 px training step 1.43-1.46x slower than
+5, everything else equal): time a program that differs from another only in the conv's algorithm. Dump XLA's
+autotuning results from a cell compiled with ``XLA_FLAGS=--xla_gpu_dump_autotune_results_to=PATH``
+(`sweep_worker` keeps the training step's as ``PATH.train``), rewrite its conv entry (cuDNN algorithm 5) with
 ``--force_algorithm N --results PATH.train --out EDITED`` (`force_conv_algorithm`), and compile the same cell
 with ``--xla_gpu_load_autotune_results_from=EDITED`` and, as the control, from the unedited file.
 
@@ -49,33 +50,48 @@ VARIANTS = {  # name -> (impl, dtype, extra XLA flags)
 }
 
 
-def force_conv_algorithm(text: str, algo_id: int) -> tuple[str, int]:
-  """XLA autotune results (text proto) with every cuDNN ``convForward`` entry's algorithm set to `algo_id`;
-  returns (text, entries changed). An entry is a top-level ``results {`` block; proto3 text omits an
-  ``algo_id`` of 0, so a missing one is inserted."""
-  blocks = re.split(r"(?m)^(?=results \{)", text)
+def _cudnn_algorithm(entry: str) -> int | None:
+  """The cuDNN algorithm of one ``entries {`` block of XLA's autotune results, None if it is no cuDNN entry
+  (proto3 text omits an ``algo_id`` of 0)."""
+  if "backend: CUDNN" not in entry or "algorithm {" not in entry:
+    return None
+  found = re.search(r"\balgo_id: (\d+)", entry)
+  return int(found.group(1)) if found else 0
+
+
+def force_conv_algorithm(text: str, algo_id: int, from_algorithm: int = 5) -> tuple[str, int]:
+  """XLA autotune results (text proto, as ``--xla_gpu_dump_autotune_results_to`` writes them on jaxlib
+  0.11.2) with every cuDNN entry of algorithm `from_algorithm` set to `algo_id`; returns (text, entries
+  changed). An entry is a top-level ``entries {`` block keyed by the instruction's HLO fingerprint only, so
+  the op is not named: the depthwise conv's forward and input-gradient convolutions share one entry (algorithm
+  5 on H100 and H200), the backward-filter conv has its own (16), and `from_algorithm` tells them apart."""
+  entries = re.split(r"(?m)^(?=entries \{)", text)
   changed = 0
-  for i, block in enumerate(blocks):
-    if "convForward" not in block or "algorithm {" not in block:
+  for i, entry in enumerate(entries):
+    if _cudnn_algorithm(entry) != from_algorithm:
       continue
-    if re.search(r"\balgo_id: \d+", block):
-      blocks[i] = re.sub(r"\balgo_id: \d+", f"algo_id: {algo_id}", block, count=1)
+    if re.search(r"\balgo_id: \d+", entry):
+      entries[i] = re.sub(r"\balgo_id: \d+", f"algo_id: {algo_id}", entry, count=1)
     else:
-      blocks[i] = block.replace("algorithm {", f"algorithm {{\n    algo_id: {algo_id}", 1)
+      entries[i] = entry.replace("algorithm {", f"algorithm {{\n          algo_id: {algo_id}", 1)
     changed += 1
-  return "".join(blocks), changed
+  return "".join(entries), changed
 
 
 def _force_main(args: argparse.Namespace) -> None:
   with open(args.results, encoding="utf-8") as f:
-    text, changed = force_conv_algorithm(f.read(), args.force_algorithm)
+    original = f.read()
+  text, changed = force_conv_algorithm(original, args.force_algorithm, args.from_algorithm)
   if not changed:
-    raise SystemExit(f"{args.results}: no cuDNN convForward entry with an algorithm (entries: "
-                     f"{text.count(chr(10) + 'results {') + text.startswith('results {')}); was it dumped "
-                     "right after the training step's compilation (PATH.train)?")
+    entries = re.split(r"(?m)^(?=entries \{)", original)
+    found = sorted({a for a in map(_cudnn_algorithm, entries) if a is not None})
+    raise SystemExit(f"{args.results}: no cuDNN entry of algorithm {args.from_algorithm} (entries: "
+                     f"{sum(e.startswith('entries {') for e in entries)}, cuDNN algorithms: {found}); was it "
+                     "dumped right after the training step's compilation (PATH.train)? --from_algorithm "
+                     "picks another")
   with open(args.out, "w", encoding="utf-8") as f:
     f.write(text)
-  print(f"{changed} convForward entries -> algorithm {args.force_algorithm}: {args.out}")
+  print(f"{changed} cuDNN entries of algorithm {args.from_algorithm} -> {args.force_algorithm}: {args.out}")
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +172,9 @@ def main() -> None:
   parser.add_argument("--tag", default="")
   parser.add_argument("--deadline_s", type=float, default=1e9, help="start no run after this many seconds")
   parser.add_argument("--force_algorithm", type=int, default=None,
-                      help="rewrite --results' convForward entries to this algorithm into --out, and exit")
+                      help="rewrite --results' conv entries to this algorithm into --out, and exit")
+  parser.add_argument("--from_algorithm", type=int, default=5,
+                      help="--force_algorithm: rewrite the cuDNN entries of this algorithm (the conv's, 5)")
   parser.add_argument("--results", default="", help="--force_algorithm: XLA autotune results (text proto)")
   parser.add_argument("--out", default="", help="--force_algorithm: where the edited results go")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)

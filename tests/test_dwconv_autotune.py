@@ -78,20 +78,65 @@ results {
 '''
 
 
-def test_force_conv_algorithm_rewrites_forward_convs_only():
+def test_force_conv_algorithm_rewrites_the_conv_entry_only():
   text, changed = dwconv_autotune.force_conv_algorithm(_RESULTS, 0)
-  assert changed == 2
-  assert text.count("algo_id: 0") == 2 and "algo_id: 5" not in text and "algo_id: 16" in text
-  back, changed = dwconv_autotune.force_conv_algorithm(text, 5)
-  assert changed == 2 and back.count("algo_id: 5") == 2 and back.startswith("version: 3\nresults {")
+  assert changed == 1
+  assert text.count("algo_id: 0") == 1 and "algo_id: 5" not in text and "algo_id: 16" in text
+  assert text.count("entries {") == 4 and text.count("backend: NATIVE_EMITTER") == 1
+  back, changed = dwconv_autotune.force_conv_algorithm(text, 5, from_algorithm=0)
+  assert changed == 1 and back == _RESULTS
+  # proto3 text leaves an algorithm 0 out: such an entry counts as algorithm 0 and gets the line
+  implicit = _RESULTS.replace("          algo_id: 5\n", "")
+  forced, changed = dwconv_autotune.force_conv_algorithm(implicit, 7, from_algorithm=0)
+  assert changed == 1 and "algo_id: 7" in forced and "algo_id: 16" in forced
 
 
-def test_force_algorithm_command_line(monkeypatch, tmp_path):
+def test_force_algorithm_command_line(monkeypatch, tmp_path, capsys):
   src, dst = tmp_path / "at.textproto.train", tmp_path / "edited.textproto"
   src.write_text(_RESULTS)
   _run(monkeypatch, ["--force_algorithm", "0", "--results", str(src), "--out", str(dst)])
-  assert dst.read_text().count("algo_id: 0") == 2
-  src.write_text(_RESULTS.split("results {")[0] + "results {" + _RESULTS.split("results {")[3])
-  with pytest.raises(SystemExit, match="no cuDNN convForward entry.*entries: 1"):
-    _run(monkeypatch, ["--force_algorithm", "0", "--results", str(src), "--out", str(tmp_path / "x")])
+  assert dst.read_text().count("algo_id: 0") == 1
+  assert "1 cuDNN entries of algorithm 5 -> 0" in capsys.readouterr().out
+  refusal = r"no cuDNN entry of algorithm 3 \(entries: 4, cuDNN algorithms: \[5, 16\]\)"
+  with pytest.raises(SystemExit, match=refusal):
+    _run(monkeypatch, ["--force_algorithm", "0", "--from_algorithm", "3", "--results", str(src),
+                       "--out", str(tmp_path / "x")])
   assert not (tmp_path / "x").exists()
+
+
+# Four entries in the layout jaxlib 0.11.2 dumps (H100, session 16; fingerprints shortened): a fusion, the
+# depthwise conv's forward (cuDNN algorithm 5), a cuBLAS GEMM and the conv's backward filter (16).
+_ENTRY = """entries {
+  key {
+    target {
+      device: "699b92c0fb30cb16"
+      hlo_fingerprint: "%s"
+    }
+    environment {
+      codegen_version: "fe9062d0fff82a66"
+    }
+  }
+  value {
+    optimal_config {
+%s
+    }
+    optimal_backend_version: "%s"
+  }
+}
+"""
+_CUDNN = """      backend: CUDNN
+      backend_config {
+        algorithm {
+          algo_id: %d
+          workspace_size {%s
+          }
+        }
+      }"""
+_RESULTS = "".join([
+    _ENTRY % ("0226076c", "      backend: NATIVE_EMITTER\n      backend_config {\n        native_emitter {\n"
+              "        }\n      }", "v1"),
+    _ENTRY % ("1f7c70d9", _CUDNN % (5, ""), "9.19.0"),
+    _ENTRY % ("30843f27", "      backend: CUBLASLT_FISSION\n      backend_config {\n          algorithm: 3\n"
+              "      }", "v1"),
+    _ENTRY % ("4da51b8a", _CUDNN % (16, "\n            value: 3538944"), "9.19.0"),
+])
