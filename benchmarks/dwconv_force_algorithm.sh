@@ -5,7 +5,7 @@
 # and edited again, so that the programs differ in the conv's algorithm alone. Prints each run's table and
 # the cuDNN algorithms in its optimised training step. GPU only; run from the repository root:
 #   bash benchmarks/dwconv_force_algorithm.sh [ALGO]
-# Results: model_sweep_<card>_force_*.json (FORCE_TAG=force) in $OUT, else benchmarks/results (model_sweep's --out_dir).
+# Results: model_sweep_<card>_<FORCE_TAG>_*.json in $OUT, else benchmarks/results (model_sweep's --out_dir).
 set -euo pipefail
 algo=${1:-0}
 FORCE_TAG=${FORCE_TAG:-force}   # the result files: model_sweep_<card>_<FORCE_TAG>_*.json
@@ -22,8 +22,8 @@ for results in forced at.textproto.train forced; do
   run=$((run + 1))
   [ "$results" = forced ] && file=$tmp/forced.textproto name=algo$algo || file=$tmp/$results name=control
   dump=$tmp/dump_$run
-  XLA_FLAGS="--xla_gpu_load_autotune_results_from=$file --xla_dump_to=$dump --xla_dump_hlo_module_re=.*train_step.*" \
-    sweep "${FORCE_TAG}_${run}_$name"
+  flags="--xla_gpu_load_autotune_results_from=$file --xla_dump_to=$dump"
+  XLA_FLAGS="$flags --xla_dump_hlo_module_re=.*train_step.*" sweep "${FORCE_TAG}_${run}_$name"
   python3 - "$dump" <<'PY'
 import collections, glob, sys
 from benchmarks import hlo_decisions
