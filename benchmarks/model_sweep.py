@@ -21,7 +21,9 @@ cell, so by default all cells are first compiled in parallel subprocesses (``--j
 compilation cache, and the timed runs then load their executables from it, one cell at a time. Results are
 written after every cell (``<out_dir>/model_sweep_<card>.json``), so a sweep cut short still leaves its
 finished cells; ``--resume`` runs only the cells that file lacks (or that timed out, crashed or were skipped),
-so that a sweep longer than one command's time limit fills one file, on one card, over several commands.
+so that a sweep longer than one command's time limit fills one file, on one card, over several commands;
+pre-compilation starts no compile after ``--compile_share`` (default half) of ``--deadline_s``, so a command
+always keeps time to measure what it compiled, and leaves the rest to the next ``--resume``.
 Parallel pre-compilation can skew a cell: XLA autotunes GEMMs while compiling, and one cell of a session-3 run
 came out 1.35x slower than when compiled alone (benchmarks/NOTES.md); for close comparisons use ``--jobs=0``
 (each cell compiled alone, just before it runs), and ``--repeats=N`` to run every cell N times, in rounds
@@ -293,17 +295,22 @@ def print_table(results: list[dict[str, Any]], log) -> None:
     log(f"{r['label']:34s} {r['px']:5d} {r['batch']:3d} {r['precision']:>4s} | {fmt_cell(r)} | {comp}")
 
 
-def precompile(cells: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+def precompile(cells: list[dict[str, Any]], args: argparse.Namespace, start: float) -> list[dict[str, Any]]:
   """Compiles `cells` into the persistent cache with `args.jobs` workers, slowest first; returns when all are
   done. Compile worker i uses GPU i % ``args.gpus``, as XLA autotunes on the GPU while compiling; the cache
   key holds the device kind, not the GPU's index (jax/_src/cache_key.py; device assignments are stripped on
-  GPU), so a timed run on GPU j loads what a worker compiled on GPU i of the same kind."""
+  GPU), so a timed run on GPU j loads what a worker compiled on GPU i of the same kind. No compilation starts
+  after ``args.compile_share`` of ``args.deadline_s`` (counted from `start`): such cells come back "skipped",
+  are not timed in this command, and a ``--resume`` runs them (session 16, one H100: 20 fp32 and XL/2 cells
+  compiling with 8 workers took the whole 600 s command, and nothing was timed)."""
   worker_gpu, worker_count = threading.local(), iter(range(args.jobs))
 
   def pick_gpu() -> None:  # once in each compile worker thread
     worker_gpu.index = next(worker_count) % args.gpus
 
   def compile_cell(c: dict[str, Any]) -> dict[str, Any]:
+    if time.time() - start > args.deadline_s * args.compile_share:
+      return dict(c, status="skipped", error=f"not pre-compiled: past {args.compile_share:g} of --deadline_s")
     on_gpu = {} if args.gpus == 1 else {"gpu": worker_gpu.index}
     return dict(launch(c, "compile", args, args.cell_timeout_s + 60, **on_gpu), **on_gpu)
 
@@ -363,6 +370,8 @@ def main() -> None:
   parser.add_argument("--extra", default="", help="extra cells, see extra_cells()")
   parser.add_argument("--no_sweep", action="store_true", help="run only the --extra cells")
   parser.add_argument("--deadline_s", type=float, default=540.0, help="start no cell after this many seconds")
+  parser.add_argument("--compile_share", type=float, default=0.5,
+                      help="pre-compilation starts no compile after this share of --deadline_s")
   parser.add_argument("--cell_timeout_s", type=float, default=240.0)
   parser.add_argument("--cache_dir", default="/tmp/dig_jax_model_sweep_cache")
   parser.add_argument("--tag", default="", help="suffix of the output file name (after an underscore)")
@@ -434,14 +443,21 @@ def main() -> None:
   if args.repeats > 1:  # every run compiles on its own, without the persistent cache (see the docstring)
     args.jobs, args.cache_dir = 0, ""
 
+  not_compiled: list[dict[str, Any]] = []
   if args.jobs > 0:  # all of it before the first timed cell, on any GPU
     t0 = time.time()
-    for r in precompile(runnable, args):
-      if r["status"] != "ok":
+    for r in precompile(runnable, args, start):
+      if r["status"] == "skipped":
+        not_compiled.append(r)
+      elif r["status"] != "ok":
         log(f"  compile {r['label']} {r['px']} {r['precision']}: {r['status']} {r.get('error', '')[:300]}")
-    log(f"pre-compiled {len(runnable)} cells in {time.time() - t0:.0f} s")
+    log(f"pre-compiled {len(runnable) - len(not_compiled)} cells in {time.time() - t0:.0f} s"
+        + (f"; {len(not_compiled)} left for a --resume (no compilation starts after "
+           f"{args.compile_share:g} of --deadline_s)" if not_compiled else ""))
+    skip = {cell_key(r) for r in not_compiled}
+    cells = [c for c in cells if cell_key(c) not in skip]
 
-  results: list[dict[str, Any]] = list(finished)
+  results: list[dict[str, Any]] = list(finished) + not_compiled
 
   def save(**extra: Any) -> None:  # after every cell, so a sweep cut short keeps its finished cells
     if earlier_envs:

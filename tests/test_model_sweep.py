@@ -159,6 +159,36 @@ def test_resume_refuses_another_card_or_a_foreign_file_and_leaves_it_alone(monke
     _run_main(monkeypatch, tmp_path, extra + ["--resume", "--repeats", "2"])
 
 
+def test_precompilation_past_its_share_of_the_deadline_leaves_cells_to_resume(monkeypatch, tmp_path):
+  """Compiles that would start after --compile_share of --deadline_s do not start; those cells are saved as
+  skipped and not timed, the compiled ones are timed, and --resume runs the rest (session 16: a command spent
+  its 600 s compiling and timed nothing)."""
+  import json
+  clock = [1000.0]
+  monkeypatch.setattr(model_sweep.time, "time", lambda: clock[0])
+  calls = []
+
+  def slow_compile(spec, mode, args, timeout):
+    calls.append((mode, spec["label"], spec["px"]))
+    clock[0] += 30.0 if mode == "compile" else 1.0  # each compilation takes 30 s, each timed run 1 s
+    return _ok_result(spec) if mode == "run" else dict(spec, status="ok")
+
+  cells = ["--extra", "DiG-S/2:256:bf16,DiG-S/2:512:bf16,DiG-S/2:768:bf16,DiG-S/2:1024:bf16"]
+  argv = cells + ["--jobs", "1", "--deadline_s", "100", "--compile_share", "0.5"]
+  _run_main(monkeypatch, tmp_path, argv, fake_launch=slow_compile)
+  compiled = [c for c in calls if c[0] == "compile"]
+  assert len(compiled) == 2                           # started at 0 and 30 s; the third would start at 60 > 50
+  assert sorted(c[1:] for c in calls if c[0] == "run") == sorted(c[1:] for c in compiled)  # those alone
+  saved = json.loads((tmp_path / "model_sweep_h100_t.json").read_text())
+  statuses = sorted((r["px"], r["status"]) for r in saved["results"])
+  timed = {px for _, _, px in compiled}
+  assert statuses == sorted((px, "ok" if px in timed else "skipped") for px in (256, 512, 768, 1024))
+  assert all("not pre-compiled" in r["error"] for r in saved["results"] if r["status"] == "skipped")
+  calls.clear()
+  _run_main(monkeypatch, tmp_path, argv + ["--resume"], fake_launch=slow_compile)
+  assert sorted(px for mode, _, px in calls if mode == "run") == sorted({256, 512, 768, 1024} - timed)
+
+
 TWO_GPU_CELLS = ["--extra", "DiG-S/2:256:bf16,DiT-S/2:256:bf16:attention=cudnn,"
                  "DiT-S/2:256:fp32:attention=cudnn,DiG-S/2:512:bf16,DiT-S/2:512:bf16,DiG-XL/2:256:bf16"]
 
