@@ -177,7 +177,7 @@ def test_precompilation_past_its_share_of_the_deadline_leaves_cells_to_resume(mo
   argv = cells + ["--jobs", "1", "--deadline_s", "100", "--compile_share", "0.5"]
   _run_main(monkeypatch, tmp_path, argv, fake_launch=slow_compile)
   compiled = [c for c in calls if c[0] == "compile"]
-  assert len(compiled) == 2                           # started at 0 and 30 s; the third would start at 60 > 50
+  assert len(compiled) == 2              # started at 0 and 30 s; the third would start at 60 > 50
   assert sorted(c[1:] for c in calls if c[0] == "run") == sorted(c[1:] for c in compiled)  # those alone
   saved = json.loads((tmp_path / "model_sweep_h100_t.json").read_text())
   statuses = sorted((r["px"], r["status"]) for r in saved["results"])
