@@ -8,6 +8,7 @@ What a cell measures, and the diagnostics it can apply, are described in `model_
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
@@ -143,9 +144,15 @@ def _memory_analysis(compiled) -> dict[str, int] | None:
                                              "temp_size_in_bytes", "alias_size_in_bytes")}
 
 
+def _write_gzipped(path: str, text: str) -> None:
+  """An optimised module's text as gzip (`hlo_decisions.read_text` reads it back): the profile's dump and
+  `_save_hlo`'s."""
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    f.write(text)
+
+
 def _profile(one_step, hlo_text: str, spec: dict[str, Any], steps: int = 3) -> dict[str, Any]:
   """Traces `steps` training steps; per-op GPU time (trace_summary.summarize). Optionally dumps the HLO."""
-  import gzip
   import tempfile
 
   import jax
@@ -159,8 +166,7 @@ def _profile(one_step, hlo_text: str, spec: dict[str, Any], steps: int = 3) -> d
   if spec.get("dump_hlo") and os.environ.get("OUT"):
     name = f"hlo_{spec['label']}_{spec['px']}_{spec['precision']}"
     name = "".join(ch if ch.isalnum() else "_" for ch in name)
-    with gzip.open(os.path.join(os.environ["OUT"], name + ".txt.gz"), "wt") as f:
-      f.write(hlo_text)
+    _write_gzipped(os.path.join(os.environ["OUT"], name + ".txt.gz"), hlo_text)
   return trace_summary.summarize(trace_dir, hlo_text, steps)
 
 
@@ -169,10 +175,8 @@ def _save_hlo(spec: dict[str, Any], which: str, compiled, out: dict[str, Any]) -
   included: `hlo_decisions`) to <prefix>_<which>.txt.gz and records the path in out["hlo_files"]."""
   if not spec.get("hlo_prefix"):
     return
-  import gzip
   path = f"{spec['hlo_prefix']}_{which}.txt.gz"
-  with gzip.open(path, "wt", encoding="utf-8") as f:
-    f.write(compiled.as_text())
+  _write_gzipped(path, compiled.as_text())
   out.setdefault("hlo_files", {})[which] = path
 
 
