@@ -46,38 +46,6 @@ def test_one_real_run_per_variant_writes_the_json(monkeypatch, tmp_path):
   assert [s["variant"] for s in result["summary"]] == ["default", "taps"]
 
 
-_RESULTS = '''version: 3
-results {
-  device: "CUDA: 9.0"
-  hlo: "(bf16[32,16,16,384]{3,2,1,0}, u8[0]{0}) custom-call(), custom_call_target=\\"__cudnn$convForward\\""
-  result {
-    algorithm {
-      algo_id: 5
-      math_type: DEFAULT_MATH
-    }
-  }
-}
-results {
-  device: "CUDA: 9.0"
-  hlo: "(bf16[32,16,16,384]{3,2,1,0}) custom-call(), custom_call_target=\\"__cudnn$convForward\\""
-  result {
-    algorithm {
-      math_type: DEFAULT_MATH
-    }
-  }
-}
-results {
-  device: "CUDA: 9.0"
-  hlo: "custom-call(), custom_call_target=\\"__cudnn$convBackwardFilter\\""
-  result {
-    algorithm {
-      algo_id: 16
-    }
-  }
-}
-'''
-
-
 def test_force_conv_algorithm_rewrites_the_conv_entry_only():
   text, changed = dwconv_autotune.force_conv_algorithm(_RESULTS, 0)
   assert changed == 1
