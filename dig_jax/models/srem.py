@@ -123,8 +123,7 @@ class DepthwiseConv(nnx.Module):
                impl: str = "auto"):
     if init not in ("identity", "random"):
       raise ValueError(f"unknown dwconv init {init!r}; use 'identity' or 'random'")
-    if impl not in DWCONV_IMPLS:
-      raise ValueError(f"unknown dwconv_impl {impl!r}; use one of {DWCONV_IMPLS}")
+    _check_dwconv_impl(impl)  # at build time; "auto" resolves per platform at call time
     if kernel_size % 2 != 1:
       raise ValueError(f"dwconv kernel_size must be odd; got {kernel_size}")
     self.kernel_size = kernel_size
@@ -197,10 +196,14 @@ def _taps_conv_bwd(residuals, dy):
 _taps_conv.defvjp(_taps_conv_fwd, _taps_conv_bwd)
 
 
-def resolve_dwconv_impl(impl: str, platform: str | None = None) -> str:
-  """"auto" -> "taps" on GPUs, "conv" elsewhere (`platform`: default JAX backend's); others unchanged."""
+def _check_dwconv_impl(impl: str) -> None:
   if impl not in DWCONV_IMPLS:
     raise ValueError(f"unknown dwconv_impl {impl!r}; use one of {DWCONV_IMPLS}")
+
+
+def resolve_dwconv_impl(impl: str, platform: str | None = None) -> str:
+  """"auto" -> "taps" on GPUs, "conv" elsewhere (`platform`: default JAX backend's); others unchanged."""
+  _check_dwconv_impl(impl)
   if impl != "auto":
     return impl
   return "taps" if (platform or jax.default_backend()) in ("gpu", "cuda", "rocm") else "conv"
