@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from dig_jax.models import srem
 from pallas_kernels.gla import GlaImpl
 
 ARCHS = ("dig", "dit")
@@ -39,9 +40,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gla_impl": tuple(impl.value for impl in GlaImpl),
     "gla_gate_dtype": ("float32", "compute"),
     "attention_impl": ("xla", "cudnn", "auto"),
-    "scan_schedule": ("crisscross", "flip", "causal"),
-    "dwconv": ("identity", "random", "off"),
-    "dwconv_impl": ("auto", "taps", "conv"),
+    "scan_schedule": srem.SCAN_SCHEDULES,
+    "dwconv": srem.DWCONV_MODES,
+    "dwconv_impl": srem.DWCONV_IMPLS,
     "norm": ("layernorm", "rmsnorm"),
     "dtype": ("float32", "bfloat16"),
     "remat": ("none", "block"),
