@@ -30,7 +30,6 @@ def card_slug(device_kind: str) -> str:
 LOG: list[str] = []
 
 
-
 T_START = time.time()
 
 

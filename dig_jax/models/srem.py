@@ -21,14 +21,16 @@ ablation row, whose code is not released).
 How the conv is computed (`dwconv_impl`; same parameters, same function, tested against each other):
 "conv" is XLA's grouped convolution, a cuDNN call on GPU for the forward, the input gradient (both
 `convForward`) and the weight gradient (`convBackwardFilter`); XLA's autotuner picks cuDNN's algorithm at
-every compilation. 3 of 18 fresh compilations of DiG-S/2's 256 px step on an H200 (sessions 14-15) gave a
-program 1.46-1.48x slower to train and 1.7-1.9x slower to sample, for as long as it served; the one whose
-optimised module was kept ran cuDNN's legacy algorithm 0 instead of 5 in all 24 `convForward` calls.
+every compilation. 3 of 24 fresh compilations of DiG-S/2's 256 px step (sessions 14-16, H200 and H100) gave a
+program 1.46-1.48x slower to train and 1.7-1.9x slower to sample, for as long as it served: cuDNN's legacy
+algorithm 0 instead of 5 in all 24 `convForward` calls (forced on an H100 in session 16, every other choice
+equal: 1.43-1.46x slower).
 "taps" computes the forward and the input gradient as a sum of the k*k shifted, per-channel scaled token
 grids (an XLA loop fusion, accumulated in fp32: nothing for the autotuner to pick) and keeps cuDNN's
 backward-filter conv for the weight gradient (its algorithm did not vary), through a custom VJP. Training
-throughput against a well-picked cuDNN conv (H200, bf16, DiG-S/2, medians of fresh compilations): 1.01x at
-256 px (inside the run spread), 0.97x at 1792 px (benchmarks/NOTES.md, session 15). "auto" (the default)
+throughput against a well-picked cuDNN conv (bf16, DiG-S/2, medians of fresh compilations): H200 1.01x at
+256 px (inside the run spread) and 0.97x at 1792 px, H100 0.96x at 256 px (benchmarks/NOTES.md, sessions
+15-16). "auto" (the default)
 takes "taps" on GPUs and "conv" elsewhere: TPUs have no cuDNN to pick from, and on the CPU the taps form
 compiled ~1.6x slower (a 4-block test model's training step: 11.8-14.3 s vs 7.4-7.8 s) for the same speed.
 """
