@@ -1,0 +1,103 @@
+"""SREM's conv + bias + reorientation: XLA (the model's "taps" and "conv" paths) vs the fused Pallas kernel.
+
+Run on the GPU machine: ``python -m benchmarks.srem_kernel [--shapes "32,16,16,384,2;..."] [--out DIR]``.
+
+A shape is N, rows, cols, D and the reorientation (0 none, 1 flip, 2 flip_transpose). Each path maps the same
+bf16 tokens [N, T, D], kernel [3, 3, D] and bias [D] to the reoriented conv output:
+- ``taps`` / ``conv``: `dig_jax.models.srem.depthwise_conv` with that impl, the bias added in bf16, then
+  `srem.reorient_tokens` (what `DepthwiseConv` does with those impls);
+- ``pallas``: `pallas_kernels.srem.gpu.conv_reorient` (one kernel forward, one backward).
+For each, the median time of back-to-back calls after warm-up (`bench_common.time_calls`, three rotating
+input sets) of the forward and of forward + backward (gradients of all three inputs), and the relative
+error of every path's output and gradients against `reference.conv_reorient` in fp32. Default shapes:
+DiG-S/2's per-block SREM in training at 256, 1024 and 1792 px (B 32 / 4 / 2 as in `model_sweep`), with the
+transposing reorientation, and 256 px with the plain flip. Prints a table and writes ``srem_kernel_<card>.json``.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.bench_common import (env_info, jax_sync, log, parse_shapes, rel_err, result_path,
+                                     run_shapes, shapes_parser, time_calls)
+from dig_jax.models import srem
+from pallas_kernels.srem import gpu, reference
+
+DEFAULT_SHAPES = ((32, 16, 16, 384, 2), (32, 16, 16, 384, 1), (4, 64, 64, 384, 2), (2, 112, 112, 384, 2))
+XLA_IMPLS = ("taps", "conv")
+
+
+def _xla_path(impl: str, grid, reorient: str):
+  def run(x, kernel, bias):
+    n, t, d = x.shape
+    y = srem.depthwise_conv(x.reshape(n, *grid, d), kernel[:, :, None, :], impl=impl)
+    return srem.reorient_tokens((y + bias).reshape(n, t, d), grid, reorient)[0]
+  return run
+
+
+def paths(grid, reorient: str, interpret: bool = False) -> dict:
+  """The compared paths for one shape (`interpret=True`: the kernel through the Pallas interpreter, CPU)."""
+  out = {impl: _xla_path(impl, grid, reorient) for impl in XLA_IMPLS}
+  out["pallas"] = lambda x, w, b: gpu.conv_reorient(x, w, b, grid=grid, reorient=reorient, interpret=interpret)
+  return out
+
+
+INTERPRET = False  # tests set it (CPU)
+
+
+def make_inputs(seed: int, n: int, t: int, d: int) -> tuple:
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal((n, t, d)), jnp.bfloat16),
+          jnp.asarray(rng.standard_normal((3, 3, d)) / 3, jnp.bfloat16),
+          jnp.asarray(rng.standard_normal((d,)), jnp.bfloat16))
+
+
+def bench_shape(shape: tuple[int, ...]) -> dict:
+  n, rows, cols, d, which = shape
+  grid, reorient = (rows, cols), reference.REORIENTATIONS[which]
+  sets = [make_inputs(seed, n, rows * cols, d) for seed in range(3)]
+  row: dict = dict(shape=dict(N=n, rows=rows, cols=cols, D=d, reorient=reorient), ms={}, errors={})
+  f32 = [a.astype(jnp.float32) for a in sets[0]]
+  cotangent = make_inputs(9, n, rows * cols, d)[0].astype(jnp.float32)  # fixed: d loss / d out
+  want = jax.value_and_grad(lambda *a: jnp.sum(reference.conv_reorient(*a, grid=grid, reorient=reorient)
+                                                 * cotangent), argnums=(0, 1, 2))(*f32)
+  for name, path in paths(grid, reorient, INTERPRET).items():
+    fwd = jax.jit(path)
+    loss = lambda x, w, b, path=path: jnp.sum(path(x, w, b).astype(jnp.float32) * cotangent)
+    grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    row["ms"][name] = dict(fwd=1e3 * time_calls(fwd, sets, jax_sync),
+                           fwd_bwd=1e3 * time_calls(grads, sets, jax_sync))
+    got = grads(*sets[0])
+    row["errors"][name] = dict(out=rel_err(fwd(*sets[0]), reference.conv_reorient(
+        *f32, grid=grid, reorient=reorient)), **{f"d{a}": rel_err(g, w) for a, g, w in zip(
+            ("x", "kernel", "bias"), got[1], want[1])})
+  log(json.dumps(row))
+  return row
+
+
+def print_table(rows: list[dict]) -> None:
+  names = ("taps", "conv", "pallas")
+  print(f"{'N, rows x cols, D, reorient':34s} | " + " | ".join(f"{n + ' fwd / fwd+bwd ms':>24s}" for n in names)
+        + " | pallas vs taps (fwd+bwd) | max rel. error")
+  for r in rows:
+    s, ms = r["shape"], r["ms"]
+    name = f"{s['N']}, {s['rows']}x{s['cols']}, {s['D']}, {s['reorient']}"
+    cells = " | ".join(f"{ms[n]['fwd']:11.4f} / {ms[n]['fwd_bwd']:10.4f}" for n in names)
+    worst = max(v for e in r["errors"].values() for v in e.values())
+    print(f"{name:34s} | {cells} | {ms['taps']['fwd_bwd'] / ms['pallas']['fwd_bwd']:23.2f}x | {worst:.1e}")
+
+
+def main() -> None:
+  parser = shapes_parser('"N,rows,cols,D,reorient;..." (reorient 0 none, 1 flip, 2 flip_transpose)')
+  args = parser.parse_args()
+  shapes = parse_shapes(args.shapes, DEFAULT_SHAPES)
+  result = dict(env=env_info(), timings=[])
+  path = result_path(args.out, "srem_kernel", result["env"]["device"], args.tag)
+  run_shapes(shapes, bench_shape, result, path, print_table)
+
+
+if __name__ == "__main__":
+  main()
