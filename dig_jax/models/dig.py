@@ -59,7 +59,9 @@ class DiGBlock(nnx.Module):
                     else srem.DepthwiseConv(d, init=cfg.dwconv, rngs=rngs, dtype=dtype,
                                             impl=cfg.dwconv_impl))
 
-  def __call__(self, x: jax.Array, c: jax.Array, grid: srem.Grid) -> jax.Array:
+  def __call__(self, x: jax.Array, c: jax.Array, grid: srem.Grid, reorient: str = "none") -> jax.Array:
+    """The block, then the scan-order change `reorient` that follows it (`srem.reorientation_after_block`);
+    with `dwconv_impl="pallas"` the conv applies it as it writes its output."""
     # Named scopes only label the ops for profiles (benchmarks/trace_summary.py); they change nothing else.
     with jax.named_scope("adaln"):
       (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = jnp.split(
@@ -73,8 +75,9 @@ class DiGBlock(nnx.Module):
       x = x + gate_mlp[:, None] * self.mlp(h)
     if self.dw_conv is not None:
       with jax.named_scope("dwconv"):
-        x = self.dw_conv(x, grid)
-    return x
+        return self.dw_conv(x, grid, reorient)
+    with jax.named_scope("reorient"):
+      return srem.reorient_tokens(x, grid, reorient)[0]
 
 
 class DiG(DiffusionBackbone):
@@ -109,8 +112,8 @@ def _block_step(grid: srem.Grid, position: int, schedule: str):
 
   The (static) grid is closed over, so `nnx.remat` / `jax.checkpoint` never trace it.
   """
+  reorient = srem.reorientation_after_block(position, schedule)
+
   def step(block: DiGBlock, x: jax.Array, c: jax.Array) -> jax.Array:
-    x = block(x, c, grid)
-    with jax.named_scope("reorient"):
-      return srem.reorient_after_block(x, grid, position, schedule)[0]
+    return block(x, c, grid, reorient)
   return step

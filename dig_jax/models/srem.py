@@ -30,9 +30,16 @@ grids (an XLA loop fusion, accumulated in fp32: nothing for the autotuner to pic
 backward-filter conv for the weight gradient (its algorithm did not vary), through a custom VJP. Training
 throughput against a well-picked cuDNN conv (bf16, DiG-S/2, medians of fresh compilations): H200 1.01x at
 256 px (inside the run spread) and 0.97x at 1792 px, H100 0.96x at 256 px (benchmarks/NOTES.md, sessions
-15-16). "auto" (the default)
-takes "taps" on GPUs and "conv" elsewhere: TPUs have no cuDNN to pick from, and on the CPU the taps form
-compiled ~1.6x slower (a 4-block test model's training step: 11.8-14.3 s vs 7.4-7.8 s) for the same speed.
+15-16). Both leave the reorientation to XLA: a copy of the tokens per block each way.
+"pallas" is `pallas_kernels.srem`'s GPU kernel: conv, bias and the reorientation that follows the block in one
+Triton kernel forward (written straight into the next block's order) and one backward (input, kernel and
+bias gradients), split over the mesh's batch axes under `jax.shard_map`; no cuDNN, nothing autotuned. On an
+H100 (session 17, DiG-S/2 bf16, fresh compilations) against taps: training 1.02x at 256 px (medians of
+three, ranges overlapping) and 1.02x at 1792 px (two each, ranges apart; XLA's conv 1.015x), sampling
+forward 1.04x at both. Off the GPU it runs in Pallas' interpreter (tests only).
+"auto" (the default) takes "pallas" on GPUs and "conv" elsewhere: TPUs have no cuDNN to pick from and no
+Triton, and on the CPU the taps form compiled ~1.6x slower (a 4-block test model's training step: 11.8-14.3 s
+vs 7.4-7.8 s) for the same speed.
 """
 from __future__ import annotations
 
@@ -44,12 +51,39 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.srem import ops as srem_ops
+
 from dig_jax.models import partitioning as pt
 
 SCAN_SCHEDULES = ("crisscross", "flip", "causal")
 DWCONV_MODES = ("identity", "random", "off")
-DWCONV_IMPLS = ("auto", "taps", "conv")  # the first is the default
+DWCONV_IMPLS = ("auto", "taps", "conv", "pallas")  # the first is the default
 Grid = tuple[int, int]
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def reorientation_after_block(block_index: int, schedule: str) -> str:
+  """The scan-order change after block `block_index`: "none", "flip" or "flip_transpose" (the names of
+  `pallas_kernels.srem.reference.REORIENTATIONS`)."""
+  if schedule not in SCAN_SCHEDULES:
+    raise ValueError(f"unknown scan_schedule {schedule!r}; choose one of {SCAN_SCHEDULES}")
+  if schedule == "causal":
+    return "none"
+  return "flip_transpose" if schedule == "crisscross" and block_index % 2 == 1 else "flip"
+
+
+def reorient_tokens(x, grid: Grid, reorient: str):
+  """Applies a reorientation ("none", "flip", "flip_transpose") to tokens x [N, T, ...] on a (rows, cols)
+  grid. Works on jax and numpy arrays. Returns (x, new_grid)."""
+  if reorient == "none":
+    return x, grid
+  x = x[:, ::-1]
+  rows, cols = grid
+  if reorient == "flip_transpose":
+    n, rest = x.shape[0], x.shape[2:]
+    x = x.reshape(n, rows, cols, *rest).swapaxes(1, 2).reshape(n, rows * cols, *rest)
+    grid = (cols, rows)
+  return x, grid
 
 
 def reorient_after_block(x, grid: Grid, block_index: int, schedule: str):
@@ -57,17 +91,7 @@ def reorient_after_block(x, grid: Grid, block_index: int, schedule: str):
 
   Works on jax and numpy arrays. Returns (x, new_grid).
   """
-  if schedule not in SCAN_SCHEDULES:
-    raise ValueError(f"unknown scan_schedule {schedule!r}; choose one of {SCAN_SCHEDULES}")
-  if schedule == "causal":
-    return x, grid
-  x = x[:, ::-1]
-  rows, cols = grid
-  if schedule == "crisscross" and block_index % 2 == 1:
-    n, rest = x.shape[0], x.shape[2:]
-    x = x.reshape(n, rows, cols, *rest).swapaxes(1, 2).reshape(n, rows * cols, *rest)
-    grid = (cols, rows)
-  return x, grid
+  return reorient_tokens(x, grid, reorientation_after_block(block_index, schedule))
 
 
 def schedule_period(schedule: str, grid: Grid) -> int:
@@ -143,15 +167,22 @@ class DepthwiseConv(nnx.Module):
     self.kernel = pt.make_param(rngs, kernel_init, shape, (pt.CONV, pt.CONV, None, pt.EMBED))
     self.bias = pt.make_param(rngs, bias_init, (features,), (pt.EMBED,))
 
-  def __call__(self, x: jax.Array, grid: Sequence[int]) -> jax.Array:
+  def __call__(self, x: jax.Array, grid: Sequence[int], reorient: str = "none") -> jax.Array:
+    """The conv of tokens x [N, T, D] on `grid`, then the reorientation `reorient` (see
+    `reorientation_after_block`); with impl "pallas" both are one GPU kernel each way."""
     n, t, d = x.shape
     rows, cols = grid
     if rows * cols != t:
       raise ValueError(f"grid {tuple(grid)} does not hold {t} tokens")
-    y = depthwise_conv(x.reshape(n, rows, cols, d).astype(self.dtype),
-                       self.kernel.get_value().astype(self.dtype), impl=self.impl)
-    y = y + self.bias.get_value().astype(self.dtype)
-    return y.reshape(n, t, d)
+    kernel = self.kernel.get_value().astype(self.dtype)
+    bias = self.bias.get_value().astype(self.dtype)
+    if resolve_dwconv_impl(self.impl) == "pallas":
+      return conv_reorient_kernel(x.astype(self.dtype), kernel[:, :, 0, :], bias, grid=(rows, cols),
+                                  reorient=reorient)
+    y = depthwise_conv(x.reshape(n, rows, cols, d).astype(self.dtype), kernel, impl=self.impl)
+    y = (y + bias).reshape(n, t, d)
+    with jax.named_scope("reorient"):
+      return reorient_tokens(y, (rows, cols), reorient)[0]
 
 
 def _grouped_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -204,16 +235,31 @@ def _check_dwconv_impl(impl: str) -> None:
 
 
 def resolve_dwconv_impl(impl: str, platform: str | None = None) -> str:
-  """"auto" -> "taps" on GPUs, "conv" elsewhere (`platform`: default JAX backend's); others unchanged."""
+  """"auto" -> "pallas" on GPUs, "conv" elsewhere (`platform`: default JAX backend's); others unchanged."""
   _check_dwconv_impl(impl)
   if impl != "auto":
     return impl
-  return "taps" if (platform or jax.default_backend()) in ("gpu", "cuda", "rocm") else "conv"
+  return "pallas" if (platform or jax.default_backend()) in _GPU_PLATFORMS else "conv"
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, *, impl: str = "auto") -> jax.Array:
   """Depthwise "same" conv of x [N, H, W, D] with kernel [k, k, 1, D] (k odd), no bias; `impl` as in the
-  module docstring ("auto", "taps" or "conv"; equal up to rounding)."""
-  if resolve_dwconv_impl(impl) == "taps":
+  module docstring ("auto", "taps", "conv" or "pallas"; equal up to rounding)."""
+  impl = resolve_dwconv_impl(impl)
+  if impl == "pallas":
+    n, rows, cols, d = x.shape
+    zero_bias = jnp.zeros((d,), x.dtype)
+    y = conv_reorient_kernel(x.reshape(n, rows * cols, d), kernel[:, :, 0, :], zero_bias, grid=(rows, cols),
+                             reorient="none")
+    return y.reshape(x.shape)
+  if impl == "taps":
     return _taps_conv(x, kernel)
   return _grouped_conv(x, kernel)
+
+
+def conv_reorient_kernel(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, grid: Grid, reorient: str
+                         ) -> jax.Array:
+  """`pallas_kernels.srem.ops.conv_reorient` (x [N, T, D], kernel [k, k, D], bias [D]; split over the active
+  mesh's batch axes); off the GPU it runs in Pallas' interpreter (slow: for tests)."""
+  return srem_ops.conv_reorient(x, kernel, bias, grid=grid, reorient=reorient,
+                                interpret=jax.default_backend() not in _GPU_PLATFORMS)

@@ -43,12 +43,14 @@ def test_flip_and_causal_schedules():
   assert all(np.array_equal(o, np.arange(6)) for o in orders) and np.array_equal(final, np.arange(6))
 
 
-def test_blocks_see_the_cycle_and_final_layer_sees_raster(monkeypatch):
+@pytest.mark.parametrize("impl", ["conv", "pallas"])
+def test_blocks_see_the_cycle_and_final_layer_sees_raster(monkeypatch, impl):
   """Depth 5 on a non-square 2x3 token grid: blocks are the identity at init (adaLN-Zero and identity conv),
   so block i's input is the embedded tokens in scan order i; the final layer (made non-zero) must see
   raster order. Per-block layout: the recording below is a Python side effect, which a scan does not allow
-  (tests/models/test_stacked_blocks.py shows the stacked layout computes the same function)."""
-  cfg = tiny_config(depth=5, input_size=(4, 6), stack_blocks=False)
+  (tests/models/test_stacked_blocks.py shows the stacked layout computes the same function). "pallas"
+  reorients inside its conv kernel (Pallas' interpreter here)."""
+  cfg = tiny_config(depth=5, input_size=(4, 6), stack_blocks=False, dwconv_impl=impl)
   model = build(cfg)
   for var in (model.final_layer.linear.kernel, model.final_layer.adaln_modulation.kernel):
     var.set_value(0.3 * normal(1, var.get_value().shape))
@@ -56,9 +58,9 @@ def test_blocks_see_the_cycle_and_final_layer_sees_raster(monkeypatch):
   seen = []
   original_call = dig_module.DiGBlock.__call__
 
-  def recording_call(self, tokens, c, grid):
+  def recording_call(self, tokens, c, grid, reorient):
     seen.append((tokens, tuple(grid)))
-    return original_call(self, tokens, c, grid)
+    return original_call(self, tokens, c, grid, reorient)
 
   monkeypatch.setattr(dig_module.DiGBlock, "__call__", recording_call)
   graphdef, state = nnx.split(model)
@@ -178,9 +180,9 @@ def test_taps_conv_on_a_token_grid_sharded_over_batch_and_rows():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
 
 
-def test_auto_dwconv_impl_takes_taps_on_gpus_only():
+def test_auto_dwconv_impl_takes_the_pallas_kernel_on_gpus_only():
   assert [srem.resolve_dwconv_impl("auto", p) for p in ("gpu", "cuda", "cpu", "tpu")] == [
-      "taps", "taps", "conv", "conv"]
+      "pallas", "pallas", "conv", "conv"]
   assert srem.resolve_dwconv_impl("taps", "cpu") == "taps" and srem.resolve_dwconv_impl("conv", "gpu") == "conv"
   assert srem.resolve_dwconv_impl("auto") == "conv"   # this test process: CPU
 
@@ -192,19 +194,21 @@ def test_unknown_dwconv_impl_is_rejected():
     srem.depthwise_conv(jnp.zeros((1, 3, 3, 2)), jnp.zeros((3, 3, 1, 2)), impl="fft")
 
 
-def test_dig_with_taps_conv_equals_dig_with_grouped_conv():
-  """The whole model (two blocks, crisscross grids incl. a transposed one) and its parameter gradients."""
+@pytest.mark.parametrize("impl", ["taps", "pallas"])
+def test_dig_with_other_conv_impls_equals_dig_with_grouped_conv(impl):
+  """The whole model (two blocks, crisscross grids incl. a transposed one) and its parameter gradients; with
+  "pallas" the conv and the reorientation are one kernel (Pallas' interpreter here)."""
   results = []
-  for impl in ("conv", "taps"):
+  for impl in ("conv", impl):
     cfg = tiny_config(depth=2, patch_size=1, input_size=(3, 4), dwconv="random", dwconv_impl=impl)
     model = randomize_zero_params(build(cfg), seed=3)
     x, t, y = inputs(cfg, batch=2)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x, t, y) ** 2)  # noqa: E731
     results.append(jax.value_and_grad(loss)(params))
-  (loss_conv, grads_conv), (loss_taps, grads_taps) = results
-  np.testing.assert_allclose(float(loss_taps), float(loss_conv), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(grads_taps), jax.tree.leaves(grads_conv)):
+  (loss_conv, grads_conv), (loss_other, grads_other) = results
+  np.testing.assert_allclose(float(loss_other), float(loss_conv), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_other), jax.tree.leaves(grads_conv)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
