@@ -11,7 +11,14 @@ For each, the median time of back-to-back calls after warm-up (`bench_common.tim
 input sets) of the forward and of forward + backward (gradients of all three inputs), and the relative
 error of every path's output and gradients against `reference.conv_reorient` in fp32. Default shapes:
 DiG-S/2's per-block SREM in training at 256, 1024 and 1792 px (B 32 / 4 / 2 as in `model_sweep`), with the
-transposing reorientation, and 256 px with the plain flip. Prints a table and writes ``srem_kernel_<card>.json``.
+transposing reorientation, and 256 px with the plain flip. Prints a table and writes
+``srem_kernel_<card>.json``.
+
+``--tile_sweep`` instead times the kernel's forward and backward tilings (`gpu.FORWARD_CONFIG`,
+`gpu.BACKWARD_CONFIG`: largest token tile, channel tile, warps) as DiG runs them: 12 calls in a row (one per
+block, the reorientation alternating flip / flip_transpose as in the model) forward + backward in one jitted
+function, so that a call's time is the kernels' and not the dispatch; shapes N, rows, cols, D (the
+reorientation field is ignored). Writes ``srem_kernel_tiles_<card>.json``.
 """
 from __future__ import annotations
 
@@ -41,7 +48,8 @@ def _xla_path(impl: str, grid, reorient: str):
 def paths(grid, reorient: str, interpret: bool = False) -> dict:
   """The compared paths for one shape (`interpret=True`: the kernel through the Pallas interpreter, CPU)."""
   out = {impl: _xla_path(impl, grid, reorient) for impl in XLA_IMPLS}
-  out["pallas"] = lambda x, w, b: gpu.conv_reorient(x, w, b, grid=grid, reorient=reorient, interpret=interpret)
+  out["pallas"] = lambda x, w, b: gpu.conv_reorient(x, w, b, grid=grid, reorient=reorient,
+                                                    interpret=interpret)
   return out
 
 
@@ -80,8 +88,8 @@ def bench_shape(shape: tuple[int, ...]) -> dict:
 
 def print_table(rows: list[dict]) -> None:
   names = ("taps", "conv", "pallas")
-  print(f"{'N, rows x cols, D, reorient':34s} | " + " | ".join(f"{n + ' fwd / fwd+bwd ms':>24s}" for n in names)
-        + " | pallas vs taps (fwd+bwd) | max rel. error")
+  header = " | ".join(f"{n + ' fwd / fwd+bwd ms':>24s}" for n in names)
+  print(f"{'N, rows x cols, D, reorient':34s} | {header} | pallas vs taps (fwd+bwd) | max rel. error")
   for r in rows:
     s, ms = r["shape"], r["ms"]
     name = f"{s['N']}, {s['rows']}x{s['cols']}, {s['D']}, {s['reorient']}"
@@ -90,13 +98,62 @@ def print_table(rows: list[dict]) -> None:
     print(f"{name:34s} | {cells} | {ms['taps']['fwd_bwd'] / ms['pallas']['fwd_bwd']:23.2f}x | {worst:.1e}")
 
 
+# --tile_sweep: (forward config, backward config) pairs; the first is the kernel's default since session 17,
+# the second its first version's.
+TILE_CONFIGS = (((64, 64, 4), (32, 64, 2)), ((128, 64, 4), (128, 64, 4)), ((128, 64, 4), (64, 64, 4)),
+                ((128, 64, 4), (128, 32, 4)), ((128, 64, 4), (256, 32, 8)), ((128, 64, 4), (64, 32, 2)),
+                ((128, 64, 4), (128, 64, 8)), ((128, 64, 4), (32, 64, 2)), ((64, 64, 4), (128, 64, 4)),
+                ((128, 32, 4), (128, 64, 4)), ((256, 64, 8), (128, 64, 4)))
+
+
+def _block_chain(grid, depth: int = 12):
+  """fwd+bwd of `depth` conv_reorient calls in a row, the grid and reorientation following DiG's blocks."""
+  def loss(x, kernel, bias):
+    g = grid
+    for i in range(depth):
+      reorient = "flip_transpose" if i % 2 else "flip"
+      x = gpu.conv_reorient(x, kernel, bias, grid=g, reorient=reorient, interpret=INTERPRET)
+      g = reference.next_grid(g, reorient)
+    return jnp.sum(x.astype(jnp.float32))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def bench_tiles(shape: tuple[int, ...]) -> dict:
+  n, rows, cols, d = shape[:4]
+  sets = [make_inputs(seed, n, rows * cols, d) for seed in range(3)]
+  row: dict = dict(shape=dict(N=n, rows=rows, cols=cols, D=d), ms_per_block={})
+  default = (gpu.FORWARD_CONFIG, gpu.BACKWARD_CONFIG)
+  try:
+    for fwd_config, bwd_config in TILE_CONFIGS:
+      gpu.FORWARD_CONFIG, gpu.BACKWARD_CONFIG = fwd_config, bwd_config
+      name = f"fwd {fwd_config} bwd {bwd_config}"
+      row["ms_per_block"][name] = 1e3 * time_calls(_block_chain((rows, cols)), sets, jax_sync) / 12
+  finally:
+    gpu.FORWARD_CONFIG, gpu.BACKWARD_CONFIG = default
+  log(json.dumps(row))
+  return row
+
+
+def print_tiles(rows: list[dict]) -> None:
+  for r in rows:
+    s = r["shape"]
+    print(f"{s['N']}, {s['rows']}x{s['cols']}, {s['D']}: fwd+bwd ms per block (12 in a row)")
+    for name, ms in sorted(r["ms_per_block"].items(), key=lambda kv: kv[1]):
+      print(f"  {name:44s} {ms:.4f}")
+
+
 def main() -> None:
   parser = shapes_parser('"N,rows,cols,D,reorient;..." (reorient 0 none, 1 flip, 2 flip_transpose)')
+  parser.add_argument("--tile_sweep", action="store_true", help="time the kernel's tilings (see docstring)")
   args = parser.parse_args()
   shapes = parse_shapes(args.shapes, DEFAULT_SHAPES)
   result = dict(env=env_info(), timings=[])
-  path = result_path(args.out, "srem_kernel", result["env"]["device"], args.tag)
-  run_shapes(shapes, bench_shape, result, path, print_table)
+  name = "srem_kernel_tiles" if args.tile_sweep else "srem_kernel"
+  path = result_path(args.out, name, result["env"]["device"], args.tag)
+  if args.tile_sweep:
+    run_shapes(shapes, bench_tiles, result, path, print_tiles)
+  else:
+    run_shapes(shapes, bench_shape, result, path, print_table)
 
 
 if __name__ == "__main__":

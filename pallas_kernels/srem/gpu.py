@@ -32,9 +32,13 @@ from pallas_kernels.srem.reference import Grid, check_reorientation, next_grid
 
 Array = jax.Array
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-MAX_BLOCK_TOKENS = 128
-MAX_BLOCK_CHANNELS = 64
-NUM_WARPS = 4
+# (largest token tile, largest channel tile, warps) of the forward and of the backward kernel; tiles shrink
+# to the next power of two of T and D. Measured with `benchmarks/srem_kernel.py --tile_sweep` (H100,
+# benchmarks/NOTES.md session 17): backward tiles of 32 tokens with 2 warps instead of (128, 64, 4) took a
+# 12-block chain at 256 px from 0.061 to 0.046 ms per block (1792 px: 0.132 -> 0.134); forward tiles of 64
+# tokens 0.061 -> 0.057 (0.132 -> 0.126).
+FORWARD_CONFIG = (64, 64, 4)
+BACKWARD_CONFIG = (32, 64, 2)
 
 
 def _next_pow2(n: int) -> int:
@@ -73,8 +77,8 @@ def _target_position(p: Array, grid: Grid, reorient: str) -> Array:
   return jax.lax.rem(u, cols) * rows + jax.lax.div(u, cols)
 
 
-def _tiles(t: int, d: int) -> tuple[int, int]:
-  return min(MAX_BLOCK_TOKENS, _next_pow2(t)), min(MAX_BLOCK_CHANNELS, _next_pow2(d))
+def _tiles(t: int, d: int, config: tuple[int, int, int]) -> tuple[int, int]:
+  return min(config[0], _next_pow2(t)), min(config[1], _next_pow2(d))
 
 
 def _neighbour(pos: Array, valid: Array, grid: Grid, dr: int, dc: int) -> tuple[Array, Array]:
@@ -138,19 +142,19 @@ def _backward_kernel(x_ref, kernel_ref, dout_ref, dx_ref, dk_ref, db_ref, *, gri
 def _forward(x: Array, taps: Array, bias: Array, grid: Grid, reorient: str, interpret: bool) -> Array:
   n, t, d = x.shape
   k = int(round(taps.shape[0] ** 0.5))
-  bt, bd = _tiles(t, d)
+  bt, bd = _tiles(t, d, FORWARD_CONFIG)
   body = functools.partial(_forward_kernel, grid=grid, reorient=reorient, k=k, bt=bt, bd=bd)
   return pl.pallas_call(
       body, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(n, pl.cdiv(t, bt), pl.cdiv(d, bd)),
       interpret=interpret, name="srem_conv_reorient",
-      compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1))(x, taps, bias)
+      compiler_params=pltriton.CompilerParams(num_warps=FORWARD_CONFIG[2], num_stages=1))(x, taps, bias)
 
 
 def _backward(x: Array, taps: Array, dout: Array, grid: Grid, reorient: str, interpret: bool
               ) -> tuple[Array, Array, Array]:
   n, t, d = x.shape
   k2 = taps.shape[0]
-  bt, bd = _tiles(t, d)
+  bt, bd = _tiles(t, d, BACKWARD_CONFIG)
   tiles = pl.cdiv(t, bt)
   body = functools.partial(_backward_kernel, grid=grid, reorient=reorient, k=int(round(k2 ** 0.5)), bt=bt,
                            bd=bd)
@@ -160,7 +164,7 @@ def _backward(x: Array, taps: Array, dout: Array, grid: Grid, reorient: str, int
   dx, dk_shares, db_shares = pl.pallas_call(
       body, out_shape=out_shape, grid=(n, tiles, pl.cdiv(d, bd)), interpret=interpret,
       name="srem_conv_reorient_bwd",
-      compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1))(x, taps, dout)
+      compiler_params=pltriton.CompilerParams(num_warps=BACKWARD_CONFIG[2], num_stages=1))(x, taps, dout)
   return dx, dk_shares.sum(axis=(0, 1)), db_shares.sum(axis=(0, 1))
 
 

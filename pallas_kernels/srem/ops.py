@@ -21,7 +21,8 @@ from pallas_kernels.srem.reference import Grid
 
 def conv_reorient(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, grid: Grid, reorient: str,
                   interpret: bool = False) -> jax.Array:
-  """`gpu.conv_reorient` (x [N, T, D], kernel [k, k, D], bias [D]), split over the mesh's batch axes if any."""
+  """`gpu.conv_reorient` (x [N, T, D], kernel [k, k, D], bias [D]), split over the mesh's batch axes if
+  any."""
   call = functools.partial(gpu.conv_reorient, grid=grid, reorient=reorient, interpret=interpret)
   partition = kernel_partition(x[:, :, None, :])   # [N, T, 1, D]: batch axes only (one "head")
   if partition is None:

@@ -1,4 +1,4 @@
-"""SREM's depthwise conv followed by the scan-order change, in plain XLA: what the GPU kernel is tested against.
+"""SREM's depthwise conv followed by the scan-order change in plain XLA: what the GPU kernel is tested against.
 
 DiG (dig_spec.md §2.4) runs, after every block, a k x k depthwise conv with bias on the tokens viewed as the
 block's (rows, cols) grid, and then reorients the token sequence for the next block. A reorientation is one of

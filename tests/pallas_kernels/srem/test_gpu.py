@@ -94,7 +94,8 @@ def test_lowers_to_triton_for_h100(monkeypatch):
   def loss(x, w, b):
     return gpu.conv_reorient(x, w, b, grid=(16, 16), reorient="flip_transpose").astype(jnp.float32).sum()
 
-  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, kernel, bias).lower(lowering_platforms=("cuda",))
+  traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, kernel, bias)
+  lowered = traced.lower(lowering_platforms=("cuda",))
   assert lowered.as_text().count("xla.gpu.triton") == 2   # one kernel forward, one backward
 
 
