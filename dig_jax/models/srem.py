@@ -36,7 +36,9 @@ Triton kernel forward (written straight into the next block's order) and one bac
 bias gradients), split over the mesh's batch axes under `jax.shard_map`; no cuDNN, nothing autotuned. On an
 H100 (session 17, DiG-S/2 bf16, fresh compilations) against taps: training 1.02x at 256 px (medians of
 three, ranges overlapping) and 1.02x at 1792 px (two each, ranges apart; XLA's conv 1.015x), sampling
-forward 1.04x at both. Off the GPU it runs in Pallas' interpreter (tests only).
+forward 1.04x at both; with today's smaller tiles (the op 1.2-1.3x faster in a 12-block chain) a last
+command saw +0.6 % and -2.0 % in two training pairs (within its spread) and a 4.8 % faster sampling forward.
+Off the GPU it runs in Pallas' interpreter (tests only).
 "auto" (the default) takes "pallas" on GPUs and "conv" elsewhere: TPUs have no cuDNN to pick from and no
 Triton, and on the CPU the taps form compiled ~1.6x slower (a 4-block test model's training step: 11.8-14.3 s
 vs 7.4-7.8 s) for the same speed.
