@@ -54,27 +54,27 @@ def is_supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype)
           and jnp.dtype(dtype) in SUPPORTED_DTYPES)
 
 
+def _transposed(u: Array, rows: int, cols: int) -> Array:
+  """Position of flat index u of a (rows, cols) grid in the transposed (cols, rows) grid."""
+  return jax.lax.rem(u, cols) * rows + jax.lax.div(u, cols)
+
+
 def _source_position(j: Array, grid: Grid, reorient: str) -> Array:
   """s(j): the position (in the conv's order) whose output lands at position j of the reoriented tokens."""
   rows, cols = grid
-  last = rows * cols - 1
   if reorient == "none":
     return j
-  if reorient == "flip":
-    return last - j
-  return last - (jax.lax.rem(j, rows) * cols + jax.lax.div(j, rows))
+  # Reversing is last - u; "flip_transpose" reverses on (rows, cols), then transposes to (cols, rows).
+  return rows * cols - 1 - (j if reorient == "flip" else _transposed(j, cols, rows))
 
 
 def _target_position(p: Array, grid: Grid, reorient: str) -> Array:
   """s^-1(p): where the conv output at position p (>= 0) lands after the reorientation."""
   rows, cols = grid
-  last = rows * cols - 1
   if reorient == "none":
     return p
-  if reorient == "flip":
-    return last - p
-  u = last - p
-  return jax.lax.rem(u, cols) * rows + jax.lax.div(u, cols)
+  flipped = rows * cols - 1 - p
+  return flipped if reorient == "flip" else _transposed(flipped, rows, cols)
 
 
 def _tiles(t: int, d: int, config: tuple[int, int, int]) -> tuple[int, int]:
