@@ -54,6 +54,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels.srem import ops as srem_ops
+from pallas_kernels.srem.reference import check_reorientation
 
 from dig_jax.models import partitioning as pt
 
@@ -77,6 +78,7 @@ def reorientation_after_block(block_index: int, schedule: str) -> str:
 def reorient_tokens(x, grid: Grid, reorient: str):
   """Applies a reorientation ("none", "flip", "flip_transpose") to tokens x [N, T, ...] on a (rows, cols)
   grid. Works on jax and numpy arrays. Returns (x, new_grid)."""
+  check_reorientation(reorient)
   if reorient == "none":
     return x, grid
   x = x[:, ::-1]

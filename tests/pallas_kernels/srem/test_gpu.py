@@ -83,6 +83,8 @@ def test_clear_errors_for_bad_shapes_and_names():
     gpu.conv_reorient(x, jnp.zeros((2, 2, 8)), jnp.zeros(8), grid=(3, 4), reorient="flip")
   with pytest.raises(ValueError, match="unknown reorientation"):
     gpu.conv_reorient(x, jnp.zeros((3, 3, 8)), jnp.zeros(8), grid=(3, 4), reorient="transpose")
+  with pytest.raises(ValueError, match="unknown reorientation"):
+    model_srem.reorient_tokens(x, (3, 4), "transpose")
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
