@@ -106,11 +106,14 @@ TILE_CONFIGS = (((64, 64, 4), (32, 64, 2)), ((128, 64, 4), (128, 64, 4)), ((128,
                 ((128, 32, 4), (128, 64, 4)), ((256, 64, 8), (128, 64, 4)))
 
 
-def _block_chain(grid, depth: int = 12):
-  """fwd+bwd of `depth` conv_reorient calls in a row, the grid and reorientation following DiG's blocks."""
+CHAIN_DEPTH = 12  # --tile_sweep: calls in a row (DiG-S/2's blocks); tests shorten it
+
+
+def _block_chain(grid):
+  """fwd+bwd of CHAIN_DEPTH conv_reorient calls in a row, grid and reorientation following DiG's blocks."""
   def loss(x, kernel, bias):
     g = grid
-    for i in range(depth):
+    for i in range(CHAIN_DEPTH):
       reorient = "flip_transpose" if i % 2 else "flip"
       x = gpu.conv_reorient(x, kernel, bias, grid=g, reorient=reorient, interpret=INTERPRET)
       g = reference.next_grid(g, reorient)
@@ -127,7 +130,8 @@ def bench_tiles(shape: tuple[int, ...]) -> dict:
     for fwd_config, bwd_config in TILE_CONFIGS:
       gpu.FORWARD_CONFIG, gpu.BACKWARD_CONFIG = fwd_config, bwd_config
       name = f"fwd {fwd_config} bwd {bwd_config}"
-      row["ms_per_block"][name] = 1e3 * time_calls(_block_chain((rows, cols)), sets, jax_sync) / 12
+      seconds = time_calls(_block_chain((rows, cols)), sets, jax_sync)
+      row["ms_per_block"][name] = 1e3 * seconds / CHAIN_DEPTH
   finally:
     gpu.FORWARD_CONFIG, gpu.BACKWARD_CONFIG = default
   log(json.dumps(row))
@@ -137,7 +141,7 @@ def bench_tiles(shape: tuple[int, ...]) -> dict:
 def print_tiles(rows: list[dict]) -> None:
   for r in rows:
     s = r["shape"]
-    print(f"{s['N']}, {s['rows']}x{s['cols']}, {s['D']}: fwd+bwd ms per block (12 in a row)")
+    print(f"{s['N']}, {s['rows']}x{s['cols']}, {s['D']}: fwd+bwd ms per block ({CHAIN_DEPTH} in a row)")
     for name, ms in sorted(r["ms_per_block"].items(), key=lambda kv: kv[1]):
       print(f"  {name:44s} {ms:.4f}")
 
