@@ -31,12 +31,12 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.srem.reference import Grid, check_reorientation, next_grid
 
 Array = jax.Array
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))  # the model's compute dtypes (tested)
 # (largest token tile, largest channel tile, warps) of the forward and of the backward kernel; tiles shrink
 # to the next power of two of T and D. Measured with `benchmarks/srem_kernel.py --tile_sweep` (H100,
 # benchmarks/NOTES.md session 17): backward tiles of 32 tokens with 2 warps instead of (128, 64, 4) took a
 # 12-block chain at 256 px from 0.061 to 0.046 ms per block (1792 px: 0.132 -> 0.134); forward tiles of 64
-# tokens 0.061 -> 0.057 (0.132 -> 0.126).
+# tokens 0.061 -> 0.057 (0.132 -> 0.126); both together, timed again: 0.0465 vs 0.0588 (0.1295 vs 0.1520).
 FORWARD_CONFIG = (64, 64, 4)
 BACKWARD_CONFIG = (32, 64, 2)
 
@@ -46,7 +46,7 @@ def _next_pow2(n: int) -> int:
 
 
 def is_supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype) -> bool:
-  """Tokens [N, T, D] with an odd square k x k kernel [k, k, D] and a float dtype the kernels load."""
+  """Tokens [N, T, D] in bf16 or fp32 with an odd square k x k kernel [k, k, D]."""
   if len(x_shape) != 3 or len(kernel_shape) != 3:
     return False
   k = kernel_shape[0]
