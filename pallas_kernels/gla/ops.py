@@ -17,34 +17,27 @@ A `gate.LowRankGate` in place of the log gate (fla's low-rank gate, unformed) is
 A kernel module that fails to import (e.g. a backend missing from this jaxlib) is skipped by `auto` and
 reported with its import error when asked for by name.
 
-Sharding: a Pallas kernel is one opaque custom call, so XLA's partitioner would all-gather its inputs. When a
-mesh is active (`jax.set_mesh`) and the batch and/or head axes can be split over mesh axes, the kernel call is
-wrapped in `jax.shard_map` so every device runs the kernel on its own batch/head shard (GLA is independent
-across batch and heads; the token axis must stay whole). Which mesh axes: for Explicit-typed axes the inputs'
-own sharding; for Auto axes the conventional names in `BATCH_MESH_AXES` / `HEAD_MESH_AXES` (dig_jax.sharding
-uses "data"/"fsdp" for the batch and "tensor" for heads), keeping only axes whose sizes divide the dimension.
-Axes that are already manual (a call inside the user's own shard_map) are left alone; such a shard_map needs
-`check_vma=False`, because Pallas outputs carry no varying-axes type.
+Sharding: with a mesh active, the kernel call runs under `jax.shard_map`, each device on its own batch/head
+shard (`pallas_kernels.partition`: which mesh axes, and why; GLA is independent across batch and heads, the
+token axis stays whole).
 """
 from __future__ import annotations
 
 import enum
 import importlib
 import inspect
-import math
 from types import ModuleType
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.gla import reference
 from pallas_kernels.gla.gate import LowRankGate, low_rank_log_gate
+from pallas_kernels.partition import kernel_partition, shard_kernel
 
 Array = jax.Array
 
-BATCH_MESH_AXES = ("data", "fsdp", "batch", "replica", "dp")
-HEAD_MESH_AXES = ("tensor", "model", "heads", "tp", "mp")
 
 
 class GlaImpl(str, enum.Enum):
@@ -106,45 +99,6 @@ def resolve_impl(impl: str | GlaImpl, q_shape: tuple[int, ...], v_shape: tuple[i
   return GlaImpl.CHUNKED
 
 
-def _axes_dividing(mesh, names, dim: int) -> tuple[str, ...]:
-  """Mesh axes (in mesh order) among `names` with size > 1 whose running product divides `dim`."""
-  chosen, product = [], 1
-  for name in mesh.axis_names:
-    size = mesh.shape[name]
-    if name in names and size > 1 and dim % (product * size) == 0:
-      chosen.append(name)
-      product *= size
-  return tuple(chosen)
-
-
-def _spec_axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
-def kernel_partition(q: Array) -> tuple[object, P] | None:
-  """(mesh, PartitionSpec over [batch, tokens, heads, dim]) for a shard_map around a kernel, or None."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or math.prod(mesh.axis_sizes) == 1:
-    return None
-  batch, _, heads, _ = q.shape
-  explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
-  # Axes already manual (we are inside someone's shard_map) are not ours to split again.
-  free = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual}
-  batch_axes = _axes_dividing(mesh, tuple(a for a in BATCH_MESH_AXES if a in free), batch)
-  head_axes = _axes_dividing(mesh, tuple(a for a in HEAD_MESH_AXES if a in free), heads)
-  if explicit:  # Explicit axes: follow the input's own sharding on the batch and head dims.
-    spec = tuple(jax.typeof(q).sharding.spec) + (None,) * 4
-    batch_axes = tuple(a for a in batch_axes if a not in explicit) + tuple(
-        a for a in _spec_axes(spec[0]) if a in explicit)
-    head_axes = tuple(a for a in head_axes if a not in explicit) + tuple(
-        a for a in _spec_axes(spec[2]) if a in explicit)
-  if not batch_axes and not head_axes:
-    return None
-  return mesh, P(batch_axes or None, None, head_axes or None, None)
-
-
 def _gate_specs(spec: P, gate: LowRankGate) -> LowRankGate:
   """shard_map specs of a LowRankGate's arrays from q's [batch, tokens, heads, dim] spec.
 
@@ -166,12 +120,8 @@ def _call_kernel(module: ModuleType, q, k, v, log_gate, *, chunk_size, scale, in
   if partition is None:
     return kernel(q, k, v, log_gate)
   mesh, spec = partition
-  # Inside a partly manual mesh only our axes become manual; otherwise all of them (the others unmentioned).
-  manual = any(t == AxisType.Manual for t in mesh.axis_types)
-  axis_names = frozenset(_spec_axes(spec[0]) + _spec_axes(spec[2])) if manual else frozenset()
   gate_spec = _gate_specs(spec, log_gate) if fused_gate else spec
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, gate_spec), out_specs=spec,
-                       axis_names=axis_names, check_vma=False)(q, k, v, log_gate)
+  return shard_kernel(kernel, mesh, spec, (spec, spec, spec, gate_spec), q, k, v, log_gate)
 
 
 def gla(q: Array, k: Array, v: Array, log_gate: Array | LowRankGate, *, impl: str | GlaImpl = GlaImpl.AUTO,
