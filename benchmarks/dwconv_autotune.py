@@ -59,13 +59,18 @@ def _cudnn_algorithm(entry: str) -> int | None:
   return int(found.group(1)) if found else 0
 
 
+def _entries(text: str) -> list[str]:
+  """XLA's autotune results split before each top-level ``entries {`` block (the first piece is the header)."""
+  return re.split(r"(?m)^(?=entries \{)", text)
+
+
 def force_conv_algorithm(text: str, algo_id: int, from_algorithm: int = 5) -> tuple[str, int]:
   """XLA autotune results (text proto, as ``--xla_gpu_dump_autotune_results_to`` writes them on jaxlib
   0.11.2) with every cuDNN entry of algorithm `from_algorithm` set to `algo_id`; returns (text, entries
   changed). An entry is a top-level ``entries {`` block keyed by the instruction's HLO fingerprint only, so
   the op is not named: the depthwise conv's forward and input-gradient convolutions share one entry (algorithm
   5 on H100 and H200), the backward-filter conv has its own (16), and `from_algorithm` tells them apart."""
-  entries = re.split(r"(?m)^(?=entries \{)", text)
+  entries = _entries(text)
   changed = 0
   for i, entry in enumerate(entries):
     if _cudnn_algorithm(entry) != from_algorithm:
@@ -83,7 +88,7 @@ def _force_main(args: argparse.Namespace) -> None:
     original = f.read()
   text, changed = force_conv_algorithm(original, args.force_algorithm, args.from_algorithm)
   if not changed:
-    entries = re.split(r"(?m)^(?=entries \{)", original)
+    entries = _entries(original)
     found = sorted({a for a in map(_cudnn_algorithm, entries) if a is not None})
     raise SystemExit(f"{args.results}: no cuDNN entry of algorithm {args.from_algorithm} (entries: "
                      f"{sum(e.startswith('entries {') for e in entries)}, cuDNN algorithms: {found}); was it "
