@@ -4,8 +4,8 @@ Run on the GPU machine: ``python -m benchmarks.srem_kernel [--shapes "32,16,16,3
 
 A shape is N, rows, cols, D and the reorientation (0 none, 1 flip, 2 flip_transpose). Each path maps the same
 bf16 tokens [N, T, D], kernel [3, 3, D] and bias [D] to the reoriented conv output:
-- ``taps`` / ``conv``: `dig_jax.models.srem.depthwise_conv` with that impl, the bias added in bf16, then
-  `srem.reorient_tokens` (what `DepthwiseConv` does with those impls);
+- ``taps`` / ``conv``: `dig_jax.models.srem.conv_bias_reorient` with that impl (what `DepthwiseConv` runs:
+  `depthwise_conv`, the bias added in bf16, then XLA's permutation);
 - ``pallas``: `pallas_kernels.srem.gpu.conv_reorient` (one kernel forward, one backward).
 For each, the median time of back-to-back calls after warm-up (`bench_common.time_calls`, three rotating
 input sets) of the forward and of forward + backward (gradients of all three inputs), and the relative
@@ -38,11 +38,7 @@ XLA_IMPLS = ("taps", "conv")
 
 
 def _xla_path(impl: str, grid, reorient: str):
-  def run(x, kernel, bias):
-    n, t, d = x.shape
-    y = srem.depthwise_conv(x.reshape(n, *grid, d), kernel[:, :, None, :], impl=impl)
-    return srem.reorient_tokens((y + bias).reshape(n, t, d), grid, reorient)[0]
-  return run
+  return lambda x, kernel, bias: srem.conv_bias_reorient(x, kernel[:, :, None, :], bias, grid, reorient, impl)
 
 
 def paths(grid, reorient: str, interpret: bool = False) -> dict:

@@ -178,15 +178,20 @@ class DepthwiseConv(nnx.Module):
     rows, cols = grid
     if rows * cols != t:
       raise ValueError(f"grid {tuple(grid)} does not hold {t} tokens")
-    kernel = self.kernel.get_value().astype(self.dtype)
-    bias = self.bias.get_value().astype(self.dtype)
-    if resolve_dwconv_impl(self.impl) == "pallas":
-      return conv_reorient_kernel(x.astype(self.dtype), kernel[:, :, 0, :], bias, grid=(rows, cols),
-                                  reorient=reorient)
-    y = depthwise_conv(x.reshape(n, rows, cols, d).astype(self.dtype), kernel, impl=self.impl)
-    y = (y + bias).reshape(n, t, d)
-    with jax.named_scope("reorient"):
-      return reorient_tokens(y, (rows, cols), reorient)[0]
+    return conv_bias_reorient(x.astype(self.dtype), self.kernel.get_value().astype(self.dtype),
+                              self.bias.get_value().astype(self.dtype), (rows, cols), reorient, self.impl)
+
+
+def conv_bias_reorient(x: jax.Array, kernel: jax.Array, bias: jax.Array, grid: Grid, reorient: str,
+                       impl: str = "auto") -> jax.Array:
+  """Tokens x [N, T, D] on `grid` -> depthwise conv (kernel [k, k, 1, D]) + bias, reoriented: one kernel each
+  way for impl "pallas", else `depthwise_conv`, the bias add and XLA's permutation."""
+  if resolve_dwconv_impl(impl) == "pallas":
+    return conv_reorient_kernel(x, kernel[:, :, 0, :], bias, grid=grid, reorient=reorient)
+  n, t, d = x.shape
+  y = (depthwise_conv(x.reshape(n, *grid, d), kernel, impl=impl) + bias).reshape(n, t, d)
+  with jax.named_scope("reorient"):
+    return reorient_tokens(y, grid, reorient)[0]
 
 
 def _grouped_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
